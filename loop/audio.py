@@ -1,0 +1,60 @@
+"""Audio decoding: any file soundfile reads (MP3, WAV, FLAC, OGG) -> mono float32 at 16 kHz.
+
+soundfile's wheels carry libsndfile with MP3 support and soxr resamples, so no FFmpeg or torchcodec is needed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+SAMPLE_RATE = 16000  # Hz, what every Whisper feature extractor expects
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used; `reason` is a short key for skip counts (`missing_clip`, `empty_audio`, ...)."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def decode_audio(source: str | Path | bytes, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Reads a path or encoded bytes; returns a float32 mono waveform of shape (num_samples,) at `sampling_rate`."""
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)):
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError("missing_clip", f"{name}: audio file not found")
+        if path.stat().st_size == 0:
+            raise AudioError("empty_audio", f"{name}: file is empty (0 bytes)")
+    elif len(source) == 0:
+        raise AudioError("empty_audio", "audio bytes are empty")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        waveform, native_rate = soundfile.read(handle, dtype="float32", always_2d=True)
+    except Exception as error:  # libsndfile reports corrupt data with several exception types
+        raise AudioError("unreadable_audio", f"{name}: cannot decode audio: {error}") from error
+    if waveform.shape[0] == 0:
+        raise AudioError("empty_audio", f"{name}: audio has no samples")
+    return to_mono_16k(waveform, native_rate, sampling_rate)
+
+
+def to_mono_16k(waveform: np.ndarray, native_rate: int, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(num_samples,) or (num_samples, channels) at `native_rate` -> float32 mono (num_samples',) at `sampling_rate`."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim == 2:
+        waveform = waveform.mean(axis=1)
+    if native_rate != sampling_rate:
+        waveform = soxr.resample(waveform, native_rate, sampling_rate, quality="HQ")
+    if not np.isfinite(waveform).all():
+        raise AudioError("unreadable_audio", "audio contains NaN or infinite samples")
+    return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def duration_seconds(waveform: np.ndarray, sampling_rate: int = SAMPLE_RATE) -> float:
+    return len(waveform) / sampling_rate

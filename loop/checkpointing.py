@@ -1,0 +1,145 @@
+"""Checkpoints under `<output_dir>/checkpoints/step_<N>/`: written atomically, found, rotated, resumed.
+
+A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, scaler, RNG states, all loaded back with
+`weights_only=True`) plus `loop_state.json` (step, epoch, position in the epoch, best WER, ...) and `config.json`.
+The loop's own state is plain JSON rather than a registered object: Accelerate unpickles registered objects with
+`weights_only=False`, which would execute whatever a tampered checkpoint holds.
+
+Folders are named by optimizer step here, not by Accelerate's automatic naming, whose counter restarts after a
+resume and then prunes the wrong checkpoint. Each is written to a hidden temporary folder and renamed into place,
+so a process killed mid-save never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CHECKPOINT = re.compile(r"^step_(\d+)$")
+STATE_FILE = "loop_state.json"
+
+
+@dataclass
+class LoopState:
+    """Everything about the loop's progress that `save_state` does not know."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Passes over the training data begun (0-based)."""
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (resume skips them)."""
+    best_wer: float = math.inf
+    best_step: int = -1
+    initial_wer: float | None = None
+    nonfinite_steps: int = 0
+    """Optimizer steps skipped because the loss or gradient norm was not finite."""
+    consecutive_nonfinite: int = 0
+    samples_seen: int = 0
+    """Training samples of all processes, counted at each log line."""
+    train_seconds: float = 0.0
+    """Time spent in optimizer steps (evaluation and saving excluded), for throughput."""
+    evaluations: list[dict] = field(default_factory=list)
+    """One entry per evaluation on the selection split: step, wer, cer, loss, ..."""
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["best_wer"] = None if math.isinf(self.best_wer) else self.best_wer
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> "LoopState":
+        values = dict(values)
+        values["best_wer"] = math.inf if values.get("best_wer") is None else values["best_wer"]
+        return cls(**values)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. Temporary folders of interrupted saves are not listed."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, config: dict, keep: int) -> Path:
+    """Writes `step_<N>` atomically on the main process (all processes must call: save_state gathers), then
+    keeps the newest `keep` checkpoints and the best one."""
+    final = checkpoints_dir(output_dir) / f"step_{state.step}"
+    staging = checkpoints_dir(output_dir) / f".tmp-step_{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+    if accelerator.is_main_process:
+        (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        # The state file is written last: a folder without it is never taken for a checkpoint.
+        _write_json_atomic(staging / STATE_FILE, state.to_json())
+        _fsync_dir(staging)
+        if final.exists():  # a re-save of the same step (after a resume that stopped at once)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        rotate_checkpoints(output_dir, keep=keep, protect_step=state.best_step)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int, protect_step: int) -> list[Path]:
+    """Deletes all but the newest `keep` checkpoints, never the one of `protect_step` (the best); returns the
+    deleted folders. Leftover temporary folders of interrupted saves are removed too."""
+    checkpoints = list_checkpoints(output_dir)
+    newest = {step for step, _ in checkpoints[-keep:]}
+    deleted = []
+    for step, path in checkpoints:
+        if step not in newest and step != protect_step:
+            shutil.rmtree(path)
+            deleted.append(path)
+    for leftover in checkpoints_dir(output_dir).glob(".tmp-step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return deleted
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> LoopState:
+    """Restores model, optimizer, scheduler, scaler and RNG states and returns the loop's state."""
+    accelerator.load_state(str(checkpoint))
+    return LoopState.from_json(json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+def _write_json_atomic(path: Path, values: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(values, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename durable: without it a power loss can lose the new name after the old one is gone."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,90 @@
+"""Generation-based evaluation, shared by the training loop, `scripts/evaluate.py` and the demo.
+
+All three decode through `transcribe`, which takes language, task, length and beams from the model's own
+generation config (saved in every model folder), so one checkpoint gives the same hypotheses on every path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from loop.metrics import compute_metrics
+
+
+@torch.no_grad()
+def transcribe(model, input_features: torch.Tensor, tokenizer) -> list[str]:
+    """(batch, n_mels, n_frames) features -> one transcript per row, decoded as the model folder says."""
+    token_ids = generate_ids(model, input_features)
+    return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(model, input_features: torch.Tensor) -> torch.Tensor:
+    """Generated token ids (batch, length); language and task are passed explicitly as the Whisper API requires,
+    everything else (max_length, num_beams) comes from `model.generation_config`."""
+    settings = model.generation_config
+    return model.generate(
+        input_features=input_features, language=settings.language, task=settings.task, use_cache=True
+    )
+
+
+@dataclass
+class EvalResult:
+    """Metrics in percent (`wer`, `cer`, `normalized_wer`, `normalized_cer`), `loss`, and one prediction per
+    utterance as `{"index", "reference", "hypothesis"}`, ordered by index."""
+
+    metrics: dict
+    predictions: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *,
+             compute_loss: bool = True, description: str = "eval") -> EvalResult:
+    """Decodes every utterance of `dataloader` once across all processes and scores it against `references`
+    (indexed by the rows' `index`). Every process returns the same result."""
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    generator = accelerator.unwrap_model(model)
+    pad_id = generator.generation_config.pad_token_id
+    indices, hypothesis_ids, loss_sums, token_counts = [], [], [], []
+    for batch in tqdm(dataloader, desc=description, disable=not accelerator.is_main_process, leave=False):
+        with accelerator.autocast():
+            if compute_loss:
+                loss_sum, tokens = _per_row_loss(model, batch)
+            token_ids = generate_ids(generator, batch["input_features"])
+        # Rows of one batch are decoded to different lengths on each process; pad before gathering.
+        token_ids = accelerator.pad_across_processes(token_ids.contiguous(), dim=1, pad_index=pad_id)
+        gathered = accelerator.gather_for_metrics(
+            (batch["index"], token_ids, loss_sum, tokens) if compute_loss else (batch["index"], token_ids)
+        )
+        indices += gathered[0].tolist()
+        hypothesis_ids += gathered[1].cpu().tolist()
+        if compute_loss:
+            loss_sums.append(gathered[2].float().sum())
+            token_counts.append(gathered[3].sum())
+    hypotheses = [text.strip() for text in tokenizer.batch_decode(hypothesis_ids, skip_special_tokens=True)]
+    predictions = sorted(
+        ({"index": i, "reference": references[i], "hypothesis": h} for i, h in zip(indices, hypotheses)),
+        key=lambda p: p["index"],
+    )
+    metrics = compute_metrics([p["reference"] for p in predictions], [p["hypothesis"] for p in predictions], language)
+    if compute_loss:
+        metrics["loss"] = (torch.stack(loss_sums).sum() / torch.stack(token_counts).sum().clamp(min=1)).item()
+    metrics["num_utterances"] = len(predictions)
+    if was_training:
+        model.train()
+    return EvalResult(metrics, predictions, time.perf_counter() - started)
+
+
+def _per_row_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy and target-token count per row, so the loss over a split is exact however the
+    rows are batched and spread over processes."""
+    logits = model(input_features=batch["input_features"], labels=batch["labels"]).logits
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
+    return per_token.sum(dim=1), batch["labels"].ne(-100).sum(dim=1)

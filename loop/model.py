@@ -1,0 +1,77 @@
+"""Loading a Whisper checkpoint (Hub id or local folder) with its processor, configured for fine-tuning."""
+
+from __future__ import annotations
+
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+from loop.config import EvalConfig, ModelConfig, resolve_path
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names it and says what to check."""
+
+
+def model_location(name_or_path: str) -> str:
+    path = resolve_path(name_or_path)
+    return str(path) if path.exists() else name_or_path
+
+
+def language_code(language: str) -> str:
+    """`hindi` or `hi` -> `hi`."""
+    language = language.lower()
+    return TO_LANGUAGE_CODE.get(language, language)
+
+
+def load_processor(name_or_path: str, language: str | None = None, task: str | None = None) -> WhisperProcessor:
+    """The feature extractor and tokenizer; with `language`/`task` the tokenizer's label prefix is set to them."""
+    location = model_location(name_or_path)
+    try:
+        processor = WhisperProcessor.from_pretrained(location)
+    except Exception as error:  # OSError for a missing repo, connection errors offline, ...
+        raise ModelLoadError(f"cannot load the processor of {name_or_path!r}: {error}") from error
+    if language or task:
+        processor.tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
+    return processor
+
+
+def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Model in float32 (mixed precision comes from Accelerate) and processor, with the training options applied."""
+    location = model_location(config.name_or_path)
+    overrides = {"dropout": config.dropout, "apply_spec_augment": config.apply_spec_augment,
+                 "mask_time_prob": config.mask_time_prob, "mask_feature_prob": config.mask_feature_prob}
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(
+            location, attn_implementation=config.attn_implementation, dtype="float32", **overrides
+        )
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load a Whisper model from {config.name_or_path!r}: {error} "
+            "(check the path or Hub id, and your network or HF_HUB_OFFLINE)"
+        ) from error
+    processor = load_processor(config.name_or_path, config.language, config.task)
+    set_generation_settings(model, config.language, config.task, eval_config)
+    model.config.use_cache = False  # the cache only serves generation; training would keep it for nothing
+    if config.freeze_encoder:
+        model.freeze_encoder()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def set_generation_settings(model, language: str, task: str, eval_config: EvalConfig | None) -> None:
+    """Language, task, length and beams live in the model's generation config, so they are saved with every model
+    and the loop, `scripts/evaluate.py` and the demo decode the same way. `forced_decoder_ids` is the legacy route
+    (gone in transformers 5): cleared so it cannot contradict language and task."""
+    settings = model.generation_config
+    if not hasattr(settings, "lang_to_id"):
+        raise ModelLoadError(
+            "the model's generation config has no lang_to_id: it is outdated or was built from a bare config; "
+            "save one like a Hub checkpoint's (see loop.tiny_model.whisper_generation_config)"
+        )
+    settings.language = language_code(language)
+    settings.task = task
+    settings.forced_decoder_ids = None
+    if eval_config is not None:
+        settings.max_length = eval_config.generation_max_length
+        settings.num_beams = eval_config.generation_num_beams

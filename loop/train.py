@@ -1,0 +1,420 @@
+"""The fine-tuning loop: `setup()` -> `fit()` -> `finish()`, driven by `accelerate.Accelerator`.
+
+Accelerate owns device placement, mixed precision, gradient accumulation, the processes and checkpoint files;
+everything else is here, in the order it happens. Read `fit()` top to bottom: each iteration evaluates and saves
+at the top (so the last step reuses the same code), then takes one optimizer step, then logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import WhisperForConditionalGeneration
+
+from loop.checkpointing import LoopState, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from loop.collator import SpeechSeq2SeqCollator
+from loop.config import ConfigError, RunConfig, flat_hparams, to_dict
+from loop.data import PreparedData, Rows, build_datasets, longest_first
+from loop.evaluation import EvalResult, evaluate
+from loop.model import load_model
+from loop.results import package_versions, write_best_model
+
+TENSORBOARD_PROJECT = "tensorboard"  # logs land in <output_dir>/tensorboard
+
+
+@dataclass
+class Run:
+    """What `setup()` builds and `fit()` and `finish()` use."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    processor: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    selection_loader: DataLoader
+    test_loader: DataLoader
+    data: PreparedData
+    state: LoopState
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT (a preempted machine, Ctrl-C); the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal_name = ""
+
+    def __call__(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self)
+
+
+def train(config: RunConfig) -> dict:
+    """Runs the whole job and returns the contents of results.json."""
+    run = setup(config)
+    stop = StopRequested()
+    stop.install()
+    stopped = fit(run, stop)
+    if stopped:
+        return {"stopped": stopped, "step": run.state.step}
+    return finish(run)
+
+
+def setup(config: RunConfig) -> Run:
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or config.train.mixed_precision
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(["train.mixed_precision=fp16 needs a GPU; on CPU use --train.mixed_precision=no (or bf16)"])
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        # Accumulate exactly gradient_accumulation_steps micro-batches, also across epoch ends, so every
+        # optimizer step sees the same amount of data and steps can be counted.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.train.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        # The schedule runs over optimizer steps; by default a prepared scheduler steps once per process.
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
+        project_dir=config.output_dir,
+    )
+    set_seed(config.train.seed)
+    prepare_output_dir(config, accelerator)
+    model, processor = load_model(config.model, config.eval)
+    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+        data = build_datasets(config, processor, model.config.max_target_positions)
+    if accelerator.is_main_process:
+        write_data_report(config.output_dir, data)
+    train_loader, selection_loader, test_loader = get_dataloaders(config, data, processor, model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.train.learning_rate,
+        weight_decay=config.train.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+    scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
+    if config.train.torch_compile:
+        model = torch.compile(model)
+    model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
+        model, optimizer, scheduler, train_loader, selection_loader, test_loader
+    )
+    state = LoopState()
+    checkpoint = latest_checkpoint(config.output_dir) if config.train.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif config.train.resume:
+        accelerator.print(f"no checkpoint in {config.output_dir}/checkpoints: starting from step 0")
+    if config.train.report_to == "tensorboard":
+        accelerator.init_trackers(TENSORBOARD_PROJECT, config=flat_hparams(config))
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "config.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        accelerator.print(data.reports["train"].summary())
+        accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
+    return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
+               test_loader, data, state)
+
+
+def prepare_output_dir(config: RunConfig, accelerator: Accelerator) -> None:
+    """Refuses to mix two runs in one folder: another run's checkpoints need --train.resume or
+    --train.overwrite_output_dir."""
+    output_dir = Path(config.output_dir)
+    existing = list_checkpoints(output_dir)
+    if existing and not config.train.resume and not config.train.overwrite_output_dir:
+        raise ConfigError([
+            f"output_dir {output_dir} already holds checkpoints of a run (up to step {existing[-1][0]}): "
+            "pass --train.resume=true to continue it or --train.overwrite_output_dir=true to start afresh"
+        ])
+    if existing and config.train.overwrite_output_dir and accelerator.is_main_process:
+        for stale in ("checkpoints", "best", TENSORBOARD_PROJECT, "results.json"):
+            path = output_dir / stale
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def get_dataloaders(config: RunConfig, data: PreparedData, processor, model) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (seeded shuffle), selection and test (longest first) loaders over the prepared tables."""
+    collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
+    workers = config.train.dataloader_num_workers
+    common = {"collate_fn": collator, "num_workers": workers, "pin_memory": torch.cuda.is_available(),
+              "persistent_workers": workers > 0}
+    train_loader = DataLoader(
+        Rows(data.train), batch_size=config.train.per_device_train_batch_size, shuffle=True, drop_last=False,
+        # A generator of its own keeps the loader from drawing on the global RNG, which a resume restores.
+        generator=torch.Generator().manual_seed(config.train.seed), **common,
+    )
+    eval_batch = config.eval.per_device_eval_batch_size
+    selection_loader = DataLoader(Rows(data.selection, longest_first(data.selection)), batch_size=eval_batch, **common)
+    test_loader = DataLoader(Rows(data.test, longest_first(data.test)), batch_size=eval_batch, **common)
+    return train_loader, selection_loader, test_loader
+
+
+def get_lr_scheduler(optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak over `warmup_steps`, then linear decay to 0 at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(run: Run, stop: StopRequested | None = None) -> str:
+    """Trains to `max_steps`; returns "" when done, or the name of the signal that stopped it (after saving)."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    t, e = config.train, config.eval
+    batches = endless_batches(run)
+    resumed_at = state.step if state.step > 0 else None
+    progress = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+    interval = Interval()
+    while True:
+        last_step = state.step == t.max_steps
+        fresh = state.step != resumed_at  # a resumed step was already evaluated and saved before the stop
+        if fresh and (last_step or (state.step % e.eval_steps == 0 and (state.step > 0 or e.eval_on_start))):
+            run_selection_eval(run)
+        if fresh and state.step > 0 and (last_step or state.step % t.save_steps == 0):
+            save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
+        if last_step:
+            break
+        if stop is not None and stop.signal_name:
+            return stop_and_save(run, stop.signal_name, resumed_at)
+        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
+            raise FloatingPointError(
+                f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                f"(step {state.step}); saved a checkpoint. Lower train.learning_rate or use bf16 instead of fp16."
+            )
+        started = time.perf_counter()
+        loss_sum, tokens, grad_norm, samples, audio_s = optimizer_step(run, batches)
+        state.step += 1
+        interval.add(loss_sum, tokens, samples, audio_s, time.perf_counter() - started)
+        progress.update(1)
+        if state.step % t.logging_steps == 0 or state.step == t.max_steps:
+            log_training(run, interval, grad_norm, progress)
+            interval = Interval()
+    progress.close()
+    return ""
+
+
+def endless_batches(run: Run):
+    """Yields training micro-batches across epochs, keeping `state.epoch` and `state.batches_in_epoch` current;
+    on resume it starts at the exact batch: same seeded order for the epoch, the consumed batches skipped."""
+    state, loader = run.state, run.train_loader
+    while True:
+        loader.set_epoch(state.epoch)
+        skipped = run.accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        for batch in skipped:
+            state.batches_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    The loss is the mean over all target tokens of the whole step (every micro-batch, every process), so
+    batch 8 x 1 and batch 4 x 2 give the same update although their micro-batches hold different token counts.
+    Returns (summed token loss, target tokens, gradient norm, samples, audio seconds) for this process;
+    the tensors stay on the device so logging can sync only every `logging_steps`.
+    """
+    accelerator, model, t = run.accelerator, run.model, run.config.train
+    micro_batches = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+    local_tokens = sum(batch["labels"].ne(-100).sum() for batch in micro_batches)
+    step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
+    # backward() divides by the accumulation steps and DDP averages over processes; undo both so the gradient
+    # is exactly d(sum of token losses / step_tokens).
+    scale = accelerator.num_processes * t.gradient_accumulation_steps / step_tokens
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            token_loss_sum = summed_token_loss(model, batch)
+            accelerator.backward(token_loss_sum * scale)
+            loss_sum += token_loss_sum.detach().float()
+    # sync_gradients is now True: the last micro-batch all-reduced the gradients.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+    finite = torch.isfinite(accelerator.reduce(loss_sum.clone(), reduction="sum"))
+    if accelerator.mixed_precision != "fp16":  # fp16's scaler skips overflowing gradients itself
+        finite &= torch.isfinite(grad_norm)
+    if finite.item():  # one sync per step: every process must agree on skipping
+        run.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            run.scheduler.step()
+        run.state.consecutive_nonfinite = 0
+    else:
+        run.state.nonfinite_steps += 1
+        run.state.consecutive_nonfinite += 1
+        accelerator.print(f"step {run.state.step + 1}: non-finite loss or gradient, update skipped")
+    run.optimizer.zero_grad(set_to_none=True)
+    samples = sum(len(batch["index"]) for batch in micro_batches)
+    audio_s = float(sum(batch["durations"].sum() for batch in micro_batches))
+    return loss_sum, local_tokens, grad_norm, samples, audio_s
+
+
+def summed_token_loss(model, batch) -> torch.Tensor:
+    """Sum of the token cross-entropies of a batch (padding, marked -100, excluded)."""
+    logits = model(input_features=batch["input_features"], labels=batch["labels"]).logits
+    return F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="sum")
+
+
+class Interval:
+    """Training figures summed since the last log line; tensors stay on the device until logged."""
+
+    def __init__(self):
+        self.loss_sum, self.tokens, self.samples, self.audio_s, self.seconds = 0.0, 0, 0, 0.0, 0.0
+
+    def add(self, loss_sum, tokens, samples: int, audio_s: float, seconds: float) -> None:
+        """`seconds` of this step alone: evaluation and saving between steps do not count as training time.
+        (Each step ends with a sync, so wall time is the device's time too.)"""
+        self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
+        self.samples, self.audio_s, self.seconds = self.samples + samples, self.audio_s + audio_s, self.seconds + seconds
+
+
+def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
+    accelerator, state = run.accelerator, run.state
+    seconds = max(interval.seconds, 1e-9)
+    state.train_seconds += seconds
+    state.samples_seen += interval.samples * accelerator.num_processes
+    totals = accelerator.reduce(torch.stack([torch.as_tensor(interval.loss_sum, device=accelerator.device).float(),
+                                             torch.as_tensor(interval.tokens, device=accelerator.device).float()]),
+                                reduction="sum").tolist()  # CPU-GPU sync point, once per logging interval
+    processes = accelerator.num_processes
+    values = {
+        "train/loss": totals[0] / max(totals[1], 1),
+        "train/learning_rate": run.scheduler.get_last_lr()[0],
+        "train/grad_norm": float(grad_norm),
+        "train/samples_per_second": interval.samples * processes / seconds,
+        "train/audio_seconds_per_second": interval.audio_s * processes / seconds,
+        "train/epoch": state.epoch,
+        "train/nonfinite_steps": state.nonfinite_steps,
+    }
+    accelerator.log(values, step=state.step)
+    progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['train/learning_rate']:.2e}")
+    if accelerator.is_main_process:
+        progress.write(
+            f"step {state.step}/{run.config.train.max_steps}  loss {values['train/loss']:.4f}  "
+            f"lr {values['train/learning_rate']:.3e}  grad_norm {values['train/grad_norm']:.3f}  "
+            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/audio_seconds_per_second']:.1f} audio s/s"
+        )
+
+
+def run_selection_eval(run: Run) -> EvalResult:
+    """Evaluates on the selection split, logs it, and writes `best/` when the WER is the best so far."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    references = run.data.selection["text"]
+    result = evaluate(run.model, run.selection_loader, accelerator, run.processor.tokenizer, references,
+                      config.model.language, description=f"eval step {state.step}")
+    wer = result.metrics["wer"]
+    if state.step == 0:
+        state.initial_wer = wer
+    improved = wer < state.best_wer
+    if improved:
+        state.best_wer, state.best_step = wer, state.step
+        write_best_model(accelerator, run.model, run.processor, config)
+    state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds})
+    log_evaluation(run, result, improved)
+    return result
+
+
+def log_evaluation(run: Run, result: EvalResult, improved: bool) -> None:
+    accelerator, state, m = run.accelerator, run.state, result.metrics
+    values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss")}
+    values["eval/seconds"] = result.seconds
+    accelerator.log(values, step=state.step)
+    if not accelerator.is_main_process:
+        return
+    split = run.data.selection_split
+    accelerator.print(
+        f"eval step {state.step} on {split}: WER {m['wer']:.2f}  CER {m['cer']:.2f}  normalized WER "
+        f"{m['normalized_wer']:.2f}  loss {m['loss']:.4f}  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
+    )
+    if run.config.train.report_to == "tensorboard":
+        shown = result.predictions[: run.config.eval.num_logged_examples]
+        table = "| reference | prediction |\n|---|---|\n" + "\n".join(
+            f"| {p['reference']} | {p['hypothesis']} |" for p in shown
+        )
+        accelerator.get_tracker("tensorboard").tracker.add_text("eval/examples", table, state.step)
+
+
+def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:
+    """After a SIGTERM/SIGINT: save at the current step boundary, say how to resume, and return."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    if state.step != resumed_at:
+        save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=config.train.save_total_limit)
+    accelerator.print(
+        f"{signal_name} received: saved step {state.step} in {config.output_dir}/checkpoints. "
+        f"Resume with the same command plus --train.resume=true"
+    )
+    accelerator.end_training()
+    return signal_name
+
+
+def finish(run: Run) -> dict:
+    """Evaluates the best model once on the held-out split and writes results.json."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    best_dir = Path(config.output_dir) / "best"
+    best = WhisperForConditionalGeneration.from_pretrained(best_dir, attn_implementation=config.model.attn_implementation)
+    best = accelerator.prepare_model(best, evaluation_mode=True)
+    test = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer, run.data.test["text"],
+                    config.model.language, description="test")
+    accelerator.log({f"test/{k}": test.metrics[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer")},
+                    step=state.step)
+    final = state.evaluations[-1] if state.evaluations else {}
+    t = config.train
+    results = {
+        "initial_wer": state.initial_wer,
+        "best_wer": state.best_wer,
+        "best_step": state.best_step,
+        "final_wer": final.get("wer"),
+        "test_wer": test.metrics["wer"],
+        "test_cer": test.metrics["cer"],
+        "test_normalized_wer": test.metrics["normalized_wer"],
+        "test_normalized_cer": test.metrics["normalized_cer"],
+        "test_utterances": test.metrics["num_utterances"],
+        "test_split": config.data.eval_split,
+        "selection_split": run.data.selection_split,
+        "selection_leaks_test": config.eval.select_on == "test",
+        "steps": state.step,
+        "nonfinite_steps": state.nonfinite_steps,
+        "train_samples_per_second": state.samples_seen / state.train_seconds if state.train_seconds else None,
+        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "seed": t.seed,
+        "model": config.model.name_or_path,
+        "evaluations": state.evaluations,
+        "data": run.data.report_dict(),
+        "versions": package_versions(),
+    }
+    if accelerator.is_main_process:
+        (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        accelerator.print(
+            f"done: selection WER {state.initial_wer} -> best {state.best_wer:.2f} at step {state.best_step}; "
+            f"{config.data.eval_split} WER of best/ {test.metrics['wer']:.2f}"
+            + ("  [recipe mode: the test split also chose the model]" if config.eval.select_on == "test" else "")
+        )
+    accelerator.end_training()
+    return results
+
+
+def write_data_report(output_dir: str, data: PreparedData) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "data_report.json").write_text(json.dumps(data.report_dict(), indent=2, ensure_ascii=False))

@@ -1,0 +1,31 @@
+"""Fine-tune Whisper: `python scripts/train.py --config quickstart` or
+`accelerate launch --config_file accelerate_config.yaml scripts/train.py --config whisper-small-hi --data.path CV_DIR`.
+
+Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=value` (see loop/config.py).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
+from loop.train import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides, args.output_dir)
+        results = train(config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0 if not results.get("stopped") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
