@@ -62,7 +62,7 @@ class DataConfig:
     max_train_samples: int = 0
     """Use at most this many training utterances (0: all); for quick experiments."""
     max_eval_samples: int = 0
-    """Evaluate at most this many held-out utterances (0: all)."""
+    """Evaluate at most this many utterances of the selection slice and of the held-out split (0: all)."""
     max_duration_s: float = 30.0
     """Drop clips longer than this many seconds (never more than the model's input window)."""
     num_proc: int = 1

@@ -244,6 +244,8 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
         rest, chosen = speaker_disjoint_slice(train_rows, data.selection_size, config.train.seed)
         if not chosen:
             raise DataError("data.selection_size is 0 but eval.select_on=dev_slice needs a selection slice")
+        if data.max_eval_samples:
+            chosen = chosen[: data.max_eval_samples]
         selection_rows, train_rows = train_rows.select(chosen), train_rows.select(rest)
         selection_split = f"dev_slice ({len(chosen)} utterances, speaker-disjoint from training)"
     if data.max_train_samples:
@@ -264,6 +266,20 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
     if prepare_train and len(train) == 0:
         raise DataError(f"no usable training utterances ({reports['train'].summary()})")
     return PreparedData(train, selection, test, selection_split, reports)
+
+
+def build_eval_split(config: RunConfig, processor, max_label_length: int, split: str | None = None) -> tuple[datasets.Dataset, SplitReport]:
+    """One prepared split for standalone evaluation (default: `data.eval_split`), and its report."""
+    split = split or config.data.eval_split
+    report = SplitReport(split, skips=SkipLog(config.data.strict))
+    rows = load_utterances(config.data, split, report.skips)
+    report.read = sum(report.skips.counts.values())
+    if config.data.max_eval_samples:
+        rows = rows.select(range(min(config.data.max_eval_samples, len(rows))))
+    table = prepare(rows, processor.feature_extractor, processor.tokenizer, report,
+                    max_duration_s=config.data.max_duration_s, max_label_length=max_label_length,
+                    num_proc=config.data.num_proc, cache_dir=config.data.cache_dir)
+    return table, report
 
 
 class Rows(torch.utils.data.Dataset):

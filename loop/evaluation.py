@@ -52,31 +52,47 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
     model.eval()
     generator = accelerator.unwrap_model(model)
     pad_id = generator.generation_config.pad_token_id
-    indices, hypothesis_ids, loss_sums, token_counts = [], [], [], []
-    for batch in tqdm(dataloader, desc=description, disable=not accelerator.is_main_process, leave=False):
-        with accelerator.autocast():
-            if compute_loss:
-                loss_sum, tokens = _per_row_loss(model, batch)
-            token_ids = generate_ids(generator, batch["input_features"])
+    indices, hypothesis_ids, failed, loss_sums, token_counts = [], [], [], [], []
+    for number, batch in enumerate(tqdm(dataloader, desc=description, disable=not accelerator.is_main_process, leave=False)):
+        rows = len(batch["index"])
+        try:
+            with accelerator.autocast():
+                loss_sum, tokens = _per_row_loss(model, batch) if compute_loss else (None, None)
+                token_ids = generate_ids(generator, batch["input_features"])
+            batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if "out of memory" in str(error).lower():
+                raise
+            # One bad batch costs its own rows, not the evaluation (nor, in the loop, the training run). The
+            # collectives below still run, so the other processes do not wait forever.
+            print(f"{description}: batch {number} failed and its {rows} utterances are left out: {error!r}", flush=True)
+            device = batch["index"].device
+            token_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)
+            loss_sum, tokens = torch.zeros(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device)
+            batch_failed = torch.ones(rows, dtype=torch.bool, device=device)
         # Rows of one batch are decoded to different lengths on each process; pad before gathering.
         token_ids = accelerator.pad_across_processes(token_ids.contiguous(), dim=1, pad_index=pad_id)
         gathered = accelerator.gather_for_metrics(
-            (batch["index"], token_ids, loss_sum, tokens) if compute_loss else (batch["index"], token_ids)
+            (batch["index"], token_ids, batch_failed, loss_sum, tokens) if compute_loss
+            else (batch["index"], token_ids, batch_failed)
         )
         indices += gathered[0].tolist()
         hypothesis_ids += gathered[1].cpu().tolist()
+        failed += gathered[2].tolist()
         if compute_loss:
-            loss_sums.append(gathered[2].float().sum())
-            token_counts.append(gathered[3].sum())
+            loss_sums.append(gathered[3].float().sum())
+            token_counts.append(gathered[4].sum())
     hypotheses = [text.strip() for text in tokenizer.batch_decode(hypothesis_ids, skip_special_tokens=True)]
     predictions = sorted(
-        ({"index": i, "reference": references[i], "hypothesis": h} for i, h in zip(indices, hypotheses)),
+        ({"index": i, "reference": references[i], "hypothesis": h}
+         for i, h, bad in zip(indices, hypotheses, failed) if not bad),
         key=lambda p: p["index"],
     )
     metrics = compute_metrics([p["reference"] for p in predictions], [p["hypothesis"] for p in predictions], language)
     if compute_loss:
         metrics["loss"] = (torch.stack(loss_sums).sum() / torch.stack(token_counts).sum().clamp(min=1)).item()
     metrics["num_utterances"] = len(predictions)
+    metrics["num_failed"] = sum(failed)
     if was_training:
         model.train()
     return EvalResult(metrics, predictions, time.perf_counter() - started)

@@ -194,8 +194,8 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
         if last_step:
             break
-        if stop is not None and stop.signal_name:
-            return stop_and_save(run, stop.signal_name, resumed_at)
+        if stop is not None and agreed_stop(accelerator, stop):
+            return stop_and_save(run, stop.signal_name or "SIGTERM", resumed_at)
         if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
             raise FloatingPointError(
@@ -203,7 +203,10 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
                 f"(step {state.step}); saved a checkpoint. Lower train.learning_rate or use bf16 instead of fp16."
             )
         started = time.perf_counter()
-        loss_sum, tokens, grad_norm, samples, audio_s = optimizer_step(run, batches)
+        try:
+            loss_sum, tokens, grad_norm, samples, audio_s = optimizer_step(run, batches)
+        except torch.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
         state.step += 1
         interval.add(loss_sum, tokens, samples, audio_s, time.perf_counter() - started)
         progress.update(1)
@@ -212,6 +215,26 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             interval = Interval()
     progress.close()
     return ""
+
+
+def agreed_stop(accelerator: Accelerator, stop) -> bool:
+    """Whether any process was signalled: all of them must stop at the same step, or the others would wait in
+    the next step's collectives forever."""
+    if accelerator.num_processes == 1:
+        return bool(stop.signal_name)
+    flag = torch.tensor(1.0 if stop.signal_name else 0.0, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def out_of_memory_advice(config: RunConfig) -> str:
+    t = config.train
+    return (
+        f"CUDA out of memory at per_device_train_batch_size={t.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps={t.gradient_accumulation_steps}. Halve the batch and double the accumulation "
+        f"(--train.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} "
+        f"--train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}): the effective batch stays the "
+        "same. --model.gradient_checkpointing=true saves more memory at about 30% more time."
+    )
 
 
 def endless_batches(run: Run):
@@ -331,6 +354,11 @@ def run_selection_eval(run: Run) -> EvalResult:
         write_best_model(accelerator, run.model, run.processor, config)
     state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds})
     log_evaluation(run, result, improved)
+    if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
+        ids = run.data.selection["id"]
+        with open(Path(config.output_dir) / "eval_predictions.jsonl", "w", encoding="utf-8") as handle:
+            for p in result.predictions:
+                handle.write(json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n")
     return result
 
 

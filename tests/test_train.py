@@ -1,0 +1,239 @@
+"""The training loop, in-process on a small Whisper: learning, accumulation, resume, rotation, results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
+from loop.collator import SpeechSeq2SeqCollator
+from loop.data import Rows
+from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
+from tests.helpers import PROJECT, build_fast_model, corpus_rows, run_config, tensorboard_scalars, write_manifest
+
+
+@pytest.fixture(scope="module")
+def fast_model(tmp_path_factory):
+    return build_fast_model(tmp_path_factory.mktemp("fast-model"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; the state singletons must not carry over."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class StopAt:
+    """Stands in for a SIGTERM arriving once `run.state.step` reaches `step`."""
+
+    def __init__(self, run, step):
+        self.run, self.step = run, step
+
+    @property
+    def signal_name(self):
+        return "SIGTERM" if self.run.state.step >= self.step else ""
+
+
+def small_run(tmp_path, fast_model, cache_dir, *overrides, name="run"):
+    return run_config(
+        tmp_path / name, fast_model, cache_dir,
+        "--data.max_train_samples=48", "--data.selection_size=12", "--data.max_eval_samples=8",
+        "--train.per_device_train_batch_size=8", "--train.learning_rate=3e-3", "--train.report_to=tensorboard",
+        "--eval.per_device_eval_batch_size=16", "--eval.generation_max_length=48", *overrides,
+    )
+
+
+def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
+    """Loss falls tenfold and the model transcribes its 8 training utterances with WER <= 10%."""
+    rows = corpus_rows("train")[:8]
+    write_manifest(tmp_path / "m" / "train.csv", rows)
+    config = run_config(
+        tmp_path / "out", fast_model, cache_dir,
+        "--data.source=manifest", f"--data.path={tmp_path / 'm'}", "--data.train_splits=train",
+        "--data.eval_split=train", "--eval.select_on=test", "--train.per_device_train_batch_size=8",
+        "--train.learning_rate=3e-3", "--train.warmup_steps=10", "--train.max_steps=160", "--eval.eval_steps=160",
+        "--train.save_steps=160", "--eval.generation_max_length=64", "--train.report_to=tensorboard",
+        "--model.dropout=0", "--model.apply_spec_augment=false",
+    )
+    results = train(config)
+    losses = tensorboard_scalars(tmp_path / "out", "train/loss")
+    assert losses[160] < losses[1] / 10, (losses[1], losses[160])
+    assert results["best_wer"] <= 10.0, results
+    assert results["selection_leaks_test"] is True
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cache_dir):
+    """One optimizer step of batch 8 x 1 and of batch 4 x 2 over the same 8 utterances sees the same loss and the
+    same gradient (so any optimizer makes the same update), although the two micro-batches hold different
+    numbers of target tokens."""
+    seen = {}
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        config = small_run(tmp_path, fast_model, cache_dir, f"--train.per_device_train_batch_size={batch_size}",
+                           f"--train.gradient_accumulation_steps={accumulation}", "--train.max_steps=1",
+                           "--eval.eval_steps=1", "--train.report_to=none", name=f"acc{accumulation}")
+        run = setup(config)
+        rows = Rows(run.data.train)
+        collate = SpeechSeq2SeqCollator(run.processor, run.model.config.decoder_start_token_id)
+        micro_batches = [collate([rows[i] for i in range(start, start + batch_size)]) for start in range(0, 8, batch_size)]
+        if accumulation == 2:
+            tokens = [int(b["labels"].ne(-100).sum()) for b in micro_batches]
+            assert tokens[0] != tokens[1]
+        step = run.optimizer.step
+        gradients = {}
+
+        def record_then_step(*args, **kwargs):
+            gradients.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
+            return step(*args, **kwargs)
+
+        run.optimizer.step = record_then_step
+        loss_sum, tokens, grad_norm, samples, _ = optimizer_step(run, iter(micro_batches))
+        seen[accumulation] = (gradients, loss_sum.item(), int(tokens), grad_norm.item(), samples)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    (one, loss_one, tokens_one, norm_one, samples_one), (two, loss_two, tokens_two, norm_two, samples_two) = seen[1], seen[2]
+    assert len(one) == len(two) > 50
+    for name, gradient in one.items():
+        torch.testing.assert_close(two[name], gradient, rtol=1e-4, atol=1e-8, msg=name)
+    assert loss_two == pytest.approx(loss_one, rel=1e-5) and tokens_one == tokens_two and samples_one == samples_two == 8
+    assert norm_two == pytest.approx(norm_one, rel=1e-5) and norm_one > 0
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, cache_dir):
+    """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights."""
+    common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2")
+    straight = train(small_run(tmp_path, fast_model, cache_dir, *common, name="straight"))
+
+    config = small_run(tmp_path, fast_model, cache_dir, *common, name="resumed")
+    run = setup(config)
+    assert fit(run, StopAt(run, 7)) == "SIGTERM"  # 48 rows / batch 8: step 7 is inside the second epoch
+    assert [step for step, _ in list_checkpoints(config.output_dir)][-1] == 7
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    config.train.resume = True
+    run = setup(config)
+    assert run.state.step == 7 and run.state.epoch == 1 and run.state.batches_in_epoch == 1
+    assert fit(run) == ""
+    resumed = finish(run)
+
+    losses_straight = tensorboard_scalars(tmp_path / "straight", "train/loss")
+    losses_resumed = tensorboard_scalars(tmp_path / "resumed", "train/loss")
+    assert sorted(losses_straight) == list(range(1, 13))
+    assert losses_resumed == losses_straight  # bitwise: the same float32 values
+    final_straight = load_file(str(tmp_path / "straight" / "checkpoints" / "step_12" / "model.safetensors"))
+    final_resumed = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_12" / "model.safetensors"))
+    assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
+    assert resumed["best_wer"] == straight["best_wer"] and resumed["test_wer"] == straight["test_wer"]
+    kept = [step for step, _ in list_checkpoints(tmp_path / "resumed")]
+    assert kept[-2:] == [9, 12] and len(kept) <= 3
+
+
+def test_results_json_and_outputs(tmp_path, fast_model, cache_dir):
+    config = small_run(tmp_path, fast_model, cache_dir, "--train.max_steps=4", "--eval.eval_steps=2",
+                       "--train.save_steps=2", "--eval.eval_on_start=true", "--train.save_total_limit=1")
+    results = train(config)
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("initial_wer", "best_wer", "best_step", "final_wer", "test_wer", "selection_split", "steps",
+                "train_samples_per_second", "effective_batch_size", "seed", "versions"):
+        assert saved[key] is not None, key
+    assert saved["steps"] == 4 and saved["effective_batch_size"] == 8 and saved["seed"] == 42
+    assert [e["step"] for e in saved["evaluations"]] == [0, 2, 4]
+    assert saved["initial_wer"] == saved["evaluations"][0]["wer"]
+    assert saved["final_wer"] == saved["evaluations"][-1]["wer"]
+    assert saved["best_wer"] == min(e["wer"] for e in saved["evaluations"])
+    assert saved["selection_split"].startswith("dev_slice") and saved["selection_leaks_test"] is False
+    assert saved["versions"]["transformers"].startswith("5.")
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "tokenizer.json").is_file()
+    assert json.loads((out / "best" / "generation_config.json").read_text())["language"] == "hi"
+    assert [step for step, _ in list_checkpoints(out)][-1] == 4
+    assert len(list_checkpoints(out)) <= 2  # the limit, plus the best when it is older
+    assert tensorboard_scalars(out, "eval/wer").keys() == {0, 2, 4}
+    assert (out / "data_report.json").is_file() and (out / "config.json").is_file()
+
+
+def test_refuses_an_output_dir_with_another_runs_checkpoints(tmp_path, fast_model, cache_dir):
+    from loop.config import ConfigError
+
+    config = small_run(tmp_path, fast_model, cache_dir, "--train.max_steps=1", "--eval.eval_steps=1",
+                       "--train.report_to=none")
+    train(config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        setup(config)
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        folder = tmp_path / "checkpoints" / f"step_{step}"
+        folder.mkdir(parents=True)
+        (folder / "loop_state.json").write_text(json.dumps(LoopState(step=step).to_json()))
+    (tmp_path / "checkpoints" / "step_12").mkdir()  # no state file: an interrupted save, never a checkpoint
+    (tmp_path / "checkpoints" / ".tmp-step_12").mkdir()
+    deleted = rotate_checkpoints(tmp_path, keep=2, protect_step=4)
+    assert sorted(p.name for p in deleted) == ["step_2", "step_6"]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 8, 10]
+    assert not (tmp_path / "checkpoints" / ".tmp-step_12").exists()
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=4, max_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert math.isclose(scheduler.get_last_lr()[0], 0.0, abs_tol=1e-12)
+
+
+def test_two_processes_match_one(tmp_path, fast_model, cache_dir):
+    """accelerate launch with 2 CPU processes (gloo): every held-out utterance evaluated exactly once, one set of
+    checkpoints, the same eval WER as one process with the same global batch, and the schedule over optimizer
+    steps (not stepped once per process)."""
+    common = ["--train.max_steps=6", "--eval.eval_steps=3", "--train.save_steps=3", "--train.warmup_steps=2",
+              "--data.max_train_samples=48", "--data.selection_size=12", "--data.max_eval_samples=8",
+              "--train.learning_rate=3e-3", "--eval.generation_max_length=48", "--eval.per_device_eval_batch_size=5",
+              f"--model.name_or_path={fast_model}", f"--data.cache_dir={cache_dir}", "--train.logging_steps=1"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, str(PROJECT / "scripts" / "train.py"), "--config", "quickstart",
+              "--output_dir", str(tmp_path / "one"), "--train.per_device_train_batch_size=8", *common]
+    double = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
+              "--mixed_precision=no", "--dynamo_backend=no", "--cpu", str(PROJECT / "scripts" / "train.py"),
+              "--config", "quickstart", "--output_dir", str(tmp_path / "two"),
+              "--train.per_device_train_batch_size=4", *common]
+    for command in (single, double):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["num_processes"] == 2 and two["effective_batch_size"] == one["effective_batch_size"] == 8
+    selection_size = one["data"]["selection"]["kept"]
+    predictions = [json.loads(line) for line in (tmp_path / "two" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["index"] for p in predictions) == list(range(selection_size))  # each exactly once
+    assert [e["num_utterances"] for e in two["evaluations"]] == [selection_size] * 3
+    assert two["test_utterances"] == one["test_utterances"] == 8
+    assert [e["wer"] for e in two["evaluations"]] == [e["wer"] for e in one["evaluations"]]
+    assert [e["loss"] for e in two["evaluations"]] == pytest.approx([e["loss"] for e in one["evaluations"]], rel=1e-4)
+    assert [step for step, _ in list_checkpoints(tmp_path / "two")] == [3, 6]
+    rates = tensorboard_scalars(tmp_path / "two", "train/learning_rate")
+    # learning rate after step s: warmup over 2 steps, then linear decay to 0 at step 6
+    assert [rates[s] for s in range(1, 7)] == pytest.approx([1.5e-3, 3e-3, 2.25e-3, 1.5e-3, 7.5e-4, 0.0])
