@@ -61,3 +61,11 @@ def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
             for event in accumulator.Scalars(tag):
                 values[event.step] = event.value
     return values
+
+
+def reset_accelerate() -> None:
+    """Each in-process run builds its own Accelerator; its state singletons must not carry over to the next."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -12,9 +12,13 @@ import sys
 import time
 
 import pytest
+import torch
 
+import loop.evaluation
+import loop.train
 from loop.checkpointing import STATE_FILE, list_checkpoints
-from tests.helpers import PROJECT, build_fast_model
+from loop.train import fit, setup
+from tests.helpers import PROJECT, build_fast_model, reset_accelerate, run_config
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +103,96 @@ def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, fast_model):
     assert f"at step {newest}" in resumed.stdout
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert len(list_checkpoints(out)) <= 3 + 1
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+def in_process_config(tmp_path, fast_model, cache_dir, *extra):
+    return run_config(tmp_path / "run", fast_model, cache_dir, "--data.max_train_samples=16", "--data.max_eval_samples=4",
+                      "--train.per_device_train_batch_size=4", "--eval.generation_max_length=16",
+                      "--train.report_to=none", *extra)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, fast_model, cache_dir, monkeypatch):
+    real_loss = loop.train.summed_token_loss
+    calls = {"n": 0}
+
+    def loss_with_two_nan_steps(model, batch):
+        calls["n"] += 1
+        loss = real_loss(model, batch)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(loop.train, "summed_token_loss", loss_with_two_nan_steps)
+    config = in_process_config(tmp_path, fast_model, cache_dir, "--train.max_steps=6", "--eval.eval_steps=6",
+                               "--train.save_steps=6")
+    run = setup(config)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert fit(run) == ""
+    assert run.state.nonfinite_steps == 2 and run.state.consecutive_nonfinite == 0
+    after = run.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_too_many_nonfinite_steps_save_and_stop(tmp_path, fast_model, cache_dir, monkeypatch):
+    real_loss = loop.train.summed_token_loss
+    calls = {"n": 0}
+
+    def diverging(model, batch):
+        calls["n"] += 1
+        loss = real_loss(model, batch)
+        return loss if calls["n"] <= 2 else loss * float("inf")
+
+    monkeypatch.setattr(loop.train, "summed_token_loss", diverging)
+    config = in_process_config(tmp_path, fast_model, cache_dir, "--train.max_steps=20", "--eval.eval_steps=20",
+                               "--train.save_steps=20", "--train.max_consecutive_nonfinite=3")
+    run = setup(config)
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row") as error:
+        fit(run)
+    assert "saved a checkpoint" in str(error.value)
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [5]
+
+
+def test_a_failing_evaluation_batch_costs_only_its_rows(tmp_path, fast_model, cache_dir, monkeypatch):
+    real_generate = loop.evaluation.generate_ids
+    calls = {"n": 0}
+
+    def first_batch_fails(model, features):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated decoding failure")
+        return real_generate(model, features)
+
+    monkeypatch.setattr(loop.evaluation, "generate_ids", first_batch_fails)
+    config = in_process_config(tmp_path, fast_model, cache_dir, "--train.max_steps=2", "--eval.eval_steps=2",
+                               "--train.save_steps=2", "--eval.per_device_eval_batch_size=2",
+                               "--eval.eval_on_start=true")
+    results = loop.train.train(config)
+    first, last = results["evaluations"][0], results["evaluations"][-1]
+    assert first["num_failed"] == 2 and first["num_utterances"] == 2
+    assert last["num_failed"] == 0 and last["num_utterances"] == 4
+    assert results["steps"] == 2 and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_out_of_memory_names_the_batch_and_the_fix(tmp_path, fast_model, cache_dir, monkeypatch):
+    def out_of_memory(run, batches):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop.train, "optimizer_step", out_of_memory)
+    config = in_process_config(tmp_path, fast_model, cache_dir, "--train.max_steps=2", "--eval.eval_steps=2",
+                               "--train.per_device_train_batch_size=16", "--train.gradient_accumulation_steps=2")
+    run = setup(config)
+    with pytest.raises(torch.OutOfMemoryError) as error:
+        fit(run)
+    message = str(error.value)
+    assert "per_device_train_batch_size=16" in message
+    assert "--train.per_device_train_batch_size=8 --train.gradient_accumulation_steps=4" in message
