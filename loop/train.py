@@ -82,6 +82,8 @@ def setup(config: RunConfig) -> Run:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(["train.mixed_precision=fp16 needs a GPU; on CPU use --train.mixed_precision=no (or bf16)"])
     accelerator = Accelerator(
+        # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=mixed_precision,
         # Accumulate exactly gradient_accumulation_steps micro-batches, also across epoch ends, so every
         # optimizer step sees the same amount of data and steps can be counted.

@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
+from loop.model import ModelLoadError  # noqa: E402
+from loop.sources import DataError  # noqa: E402
 from loop.train import train  # noqa: E402
 
 
@@ -20,11 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides, args.output_dir)
-        results = train(config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+        train(config)  # a run stopped by SIGTERM/SIGINT has saved a checkpoint and returns normally
+    except (ConfigError, DataError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0 if not results.get("stopped") else 0
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -212,12 +212,13 @@ def test_two_processes_match_one(tmp_path, fast_model, cache_dir):
     common = ["--train.max_steps=6", "--eval.eval_steps=3", "--train.save_steps=3", "--train.warmup_steps=2",
               "--data.max_train_samples=48", "--data.selection_size=12", "--data.max_eval_samples=8",
               "--train.learning_rate=3e-3", "--eval.generation_max_length=48", "--eval.per_device_eval_batch_size=5",
-              f"--model.name_or_path={fast_model}", f"--data.cache_dir={cache_dir}", "--train.logging_steps=1"]
+              f"--model.name_or_path={fast_model}", f"--data.cache_dir={cache_dir}", "--train.logging_steps=1",
+              "--model.dropout=0", "--model.apply_spec_augment=false"]  # no per-process randomness
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
     single = [sys.executable, str(PROJECT / "scripts" / "train.py"), "--config", "quickstart",
               "--output_dir", str(tmp_path / "one"), "--train.per_device_train_batch_size=8", *common]
     double = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
-              "--mixed_precision=no", "--dynamo_backend=no", "--cpu", str(PROJECT / "scripts" / "train.py"),
+              "--mixed_precision=no", "--dynamo_backend=no", "--multi_gpu", str(PROJECT / "scripts" / "train.py"),
               "--config", "quickstart", "--output_dir", str(tmp_path / "two"),
               "--train.per_device_train_batch_size=4", *common]
     for command in (single, double):
