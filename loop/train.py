@@ -330,7 +330,10 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
         "train/audio_seconds_per_second": interval.audio_s * processes / seconds,
         "train/epoch": state.epoch,
         "train/nonfinite_steps": state.nonfinite_steps,
+        "memory/rss_mb": resident_memory_mb(),
     }
+    if torch.cuda.is_available():
+        values["memory/max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     accelerator.log(values, step=state.step)
     progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['train/learning_rate']:.2e}")
     if accelerator.is_main_process:
@@ -339,6 +342,15 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
             f"lr {values['train/learning_rate']:.3e}  grad_norm {values['train/grad_norm']:.3f}  "
             f"{values['train/samples_per_second']:.1f} samples/s  {values['train/audio_seconds_per_second']:.1f} audio s/s"
         )
+
+
+def resident_memory_mb() -> float:
+    """This process's resident memory now (Linux), for spotting leaks over a long run; 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def run_selection_eval(run: Run) -> EvalResult:

@@ -1,0 +1,53 @@
+"""Soak: a long run of the tiny model with frequent evaluation and checkpoints (marked slow: run by hand with
+`python -m pytest -m slow tests/test_soak.py -s`). Resident memory must not grow after warm-up, the checkpoint
+folder stays at its limit, and a kill -9 at a random moment resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loop.checkpointing import list_checkpoints
+from tests.helpers import PROJECT, build_fast_model, tensorboard_scalars
+
+pytestmark = pytest.mark.slow
+
+STEPS = int(os.environ.get("SOAK_STEPS", "3000"))
+
+
+def test_long_run_memory_checkpoints_and_kill(tmp_path):
+    model = build_fast_model(tmp_path / "model")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(PROJECT / "scripts" / "train.py"), "--config", "quickstart", "--output_dir", str(out),
+           f"--model.name_or_path={model}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.max_eval_samples=8",
+           "--train.per_device_train_batch_size=8", f"--train.max_steps={STEPS}", "--eval.eval_steps=100",
+           "--train.save_steps=50", "--train.save_total_limit=2", "--train.logging_steps=25",
+           "--eval.generation_max_length=32", "--train.warmup_steps=50"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "2"}
+    process = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 3600
+    while time.time() < deadline and not any(step >= STEPS // 2 for step, _ in list_checkpoints(out)):
+        time.sleep(1)
+    time.sleep(random.uniform(0, 5))
+    process.kill()
+    process.wait()
+    killed_at = list_checkpoints(out)[-1][0]
+    resumed = subprocess.run([*cmd, "--train.resume=true"], env=env, cwd=PROJECT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {killed_at}" in resumed.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == STEPS
+    assert len(list_checkpoints(out)) <= 3  # the limit, plus the best when it is older
+    rss = tensorboard_scalars(out, "memory/rss_mb")
+    steps = sorted(rss)
+    warm = [rss[s] for s in steps if 500 <= s < 1000] or [rss[steps[len(steps) // 4]]]
+    last = [rss[s] for s in steps[-10:]]
+    print(f"\nRSS after warm-up {min(warm):.0f}-{max(warm):.0f} MB, at the end {min(last):.0f}-{max(last):.0f} MB; "
+          f"killed at step {killed_at}; selection WER {results['initial_wer']} -> {results['best_wer']}")
+    assert max(last) < max(warm) * 1.10 + 50
