@@ -1,0 +1,46 @@
+"""Prepare (decode, resample, extract features, tokenize, cache) a run's data and report what was skipped.
+
+    python scripts/prepare_data.py --config whisper-small-hi --data.path /data/cv-corpus-17.0-2024-03-15
+
+Training reuses the cached result. Writes data_report.json (kept and skipped rows by reason) to --output_dir.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import WhisperConfig  # noqa: E402
+
+from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
+from loop.data import build_datasets  # noqa: E402
+from loop.model import ModelLoadError, load_processor, model_location  # noqa: E402
+from loop.sources import DataError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides, args.output_dir)
+        processor = load_processor(config.model.name_or_path, config.model.language, config.model.task)
+        max_labels = WhisperConfig.from_pretrained(model_location(config.model.name_or_path)).max_target_positions
+        data = build_datasets(config, processor, max_labels)
+    except (ConfigError, DataError, ModelLoadError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for report in data.reports.values():
+        print(report.summary())
+    print(f"selection split: {data.selection_split}")
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "data_report.json").write_text(json.dumps(data.report_dict(), indent=2, ensure_ascii=False))
+    print(f"wrote {output / 'data_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
