@@ -43,7 +43,8 @@ class SplitReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
-        return f"{self.name}: {self.kept} of {self.read} utterances kept; skipped: {skipped}"
+        examples = [f"\n    {message}" for messages in self.skips.messages.values() for message in messages[:3]]
+        return f"{self.name}: {self.kept} of {self.read} utterances kept; skipped: {skipped}" + "".join(examples)
 
 
 def prepare(
