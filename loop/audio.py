@@ -38,10 +38,19 @@ def decode_audio(source: str | Path | bytes, sampling_rate: int = SAMPLE_RATE) -
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         waveform, native_rate = soundfile.read(handle, dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile reports corrupt data with several exception types
-        raise AudioError("unreadable_audio", f"{name}: cannot decode audio: {error}") from error
+        # libsndfile says "File does not exist or is not a regular file" for bytes it cannot parse: say what it means.
+        raise AudioError(
+            "unreadable_audio", f"{name}: cannot decode audio (corrupt, or not a format libsndfile reads): {error}"
+        ) from error
     if waveform.shape[0] == 0:
         raise AudioError("empty_audio", f"{name}: audio has no samples")
-    return to_mono_16k(waveform, native_rate, sampling_rate)
+    try:
+        waveform = to_mono_16k(waveform, native_rate, sampling_rate)
+    except AudioError as error:
+        raise AudioError(error.reason, f"{name}: {error}") from error
+    if waveform.shape[0] == 0:  # a clip of a few samples at 48 kHz can resample to none at 16 kHz
+        raise AudioError("empty_audio", f"{name}: audio has no samples at {sampling_rate} Hz")
+    return waveform
 
 
 def to_mono_16k(waveform: np.ndarray, native_rate: int, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -236,6 +236,8 @@ def _apply(config: RunConfig, values: dict, origin: str, problems: list[str]) ->
             hint = difflib.get_close_matches(section, [*SECTIONS, "output_dir"], n=1)
             problems.append(f"{origin}: unknown section '{section}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
             continue
+        if entries is None:  # `eval:` with every key commented out: YAML reads it as null
+            continue
         if not isinstance(entries, dict):
             problems.append(f"{origin}: section '{section}' must be a mapping of key: value")
             continue

@@ -79,6 +79,8 @@ def prepare(
             **{name: datasets.Value("string") for name in KEPT_COLUMNS},
         }
     )
+    if len(utterances) == 0:  # `map` hands an empty table back unchanged, without the prepared columns
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     prepared = utterances.map(
         _prepare_batch,
         batched=True,
@@ -195,7 +197,8 @@ def speaker_disjoint_slice(utterances: datasets.Dataset, size: int, seed: int) -
     """Splits row indices into (rest, selection) with no speaker in both; selection has at most `size` rows.
 
     Rows without a `client_id` count as speakers of their own. Speakers are drawn in a seeded order and taken
-    while they fit, so one prolific speaker cannot fill the slice; if none fits, the smallest is taken.
+    while they fit, so one prolific speaker cannot fill the slice. If none fits, the first `size` rows of the
+    smallest speaker form the selection and that speaker's other rows are left out of both parts.
     """
     by_speaker: dict[str, list[int]] = defaultdict(list)
     for index, speaker in enumerate(utterances["client_id"]):
@@ -211,8 +214,8 @@ def speaker_disjoint_slice(utterances: datasets.Dataset, size: int, seed: int) -
             total += len(by_speaker[speaker])
     if size and not chosen and speakers:
         chosen = [min(speakers, key=lambda s: len(by_speaker[s]))]
-    selection = sorted(i for s in chosen for i in by_speaker[s])
-    taken = set(selection)
+    taken = {i for s in chosen for i in by_speaker[s]}
+    selection = sorted(taken)[:size]  # only the fallback speaker can be larger than `size`
     return [i for i in range(len(utterances)) if i not in taken], selection
 
 
@@ -262,8 +265,13 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
     for name in reports:  # rows skipped while reading count as read
         reports[name].read = sum(skips[name].counts.values())
     train = prepare(train_rows, fe, tok, reports["train"], **common) if prepare_train else train_rows
-    selection = prepare(selection_rows, fe, tok, reports["selection"], **common)
-    test = selection if config.eval.select_on == "test" else prepare(test_rows, fe, tok, reports["test"], **common)
+    if config.eval.select_on == "test":
+        # One table and one report: the test split's rows (and its read-time skips) are the selection's.
+        test = selection = prepare(test_rows, fe, tok, reports["test"], **common)
+        reports["selection"] = reports["test"]
+    else:
+        selection = prepare(selection_rows, fe, tok, reports["selection"], **common)
+        test = prepare(test_rows, fe, tok, reports["test"], **common)
     if prepare_train and len(train) == 0:
         raise DataError(f"no usable training utterances ({reports['train'].summary()})")
     return PreparedData(train, selection, test, selection_split, reports)

@@ -8,6 +8,7 @@ under a short reason, with a message naming the file and row; `strict` turns the
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections import Counter
@@ -19,6 +20,7 @@ from loop.config import DataConfig, resolve_path
 
 CV_REQUIRED_COLUMNS = ("path", "sentence")
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl")
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 MAX_MESSAGES_PER_REASON = 20  # enough to find the files at fault without flooding the report
 
 
@@ -55,7 +57,9 @@ def load_utterances(config: DataConfig, split: str, skips: SkipLog) -> datasets.
         rows = read_manifest(find_manifest(config.path, split), config.audio_column, config.text_column, skips)
     else:
         return load_hub_split(config, split)
-    return datasets.Dataset.from_list(rows, features=UTTERANCE_FEATURES)
+    # Column-wise: `Dataset.from_list([])` cannot build an empty table (a header-only TSV, every row skipped).
+    columns = {name: [row[name] for row in rows] for name in UTTERANCE_FEATURES}
+    return datasets.Dataset.from_dict(columns, features=UTTERANCE_FEATURES)
 
 
 UTTERANCE_FEATURES = datasets.Features(
@@ -106,7 +110,7 @@ def read_common_voice_split(cv_dir: Path, split: str, skips: SkipLog) -> list[di
     if not tsv.is_file():
         available = ", ".join(sorted(p.stem for p in cv_dir.glob("*.tsv")))
         raise DataError(f"{tsv}: split {split!r} not found (this folder has: {available})")
-    lines = tsv.read_bytes().split(b"\n")
+    lines = _without_bom(tsv.read_bytes()).split(b"\n")
     header = lines[0].decode("utf-8", errors="replace").rstrip("\r").split("\t")
     missing = [name for name in CV_REQUIRED_COLUMNS if name not in header]
     if missing:
@@ -147,6 +151,12 @@ def read_common_voice_split(cv_dir: Path, split: str, skips: SkipLog) -> list[di
             }
         )
     return rows
+
+
+def _without_bom(content: bytes) -> bytes:
+    """Spreadsheet programs and Windows editors start UTF-8 files with a byte-order mark; left in place it becomes
+    part of the first column's name, and `client_id` (or a manifest's audio column) would silently go missing."""
+    return content[len(codecs.BOM_UTF8):] if content.startswith(codecs.BOM_UTF8) else content
 
 
 def find_manifest(path: str, split: str) -> Path:
@@ -198,7 +208,7 @@ def read_manifest(manifest: Path, audio_column: str, text_column: str, skips: Sk
 def _manifest_records(manifest: Path, skips: SkipLog) -> list[tuple[int, dict]]:
     """(line number, record) pairs; lines that are not UTF-8 or not a record are skipped and counted."""
     lines = []
-    for number, raw in enumerate(manifest.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(_without_bom(manifest.read_bytes()).split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -211,7 +221,7 @@ def _manifest_records(manifest: Path, skips: SkipLog) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
+                    raise ValueError(f"a JSON {JSON_TYPES.get(type(record), 'value')}")
             except ValueError as error:
                 skips.add("bad_manifest_row", f"{manifest} row {number}: not a JSON object ({error})")
                 continue

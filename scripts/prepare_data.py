@@ -21,7 +21,10 @@ from loop.sources import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `--output x` must not quietly become --output_dir, it goes to the config as an unknown option.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     add_common_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -32,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    printed = []
     for report in data.reports.values():
-        print(report.summary())
+        if not any(report is seen for seen in printed):  # recipe mode: selection and test share one report
+            print(report.summary())
+            printed.append(report)
     print(f"selection split: {data.selection_split}")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,328 @@
+"""Preparation: features, labels and durations; bad rows counted by reason; the `.map` cache; parallel workers;
+the speaker-disjoint selection slice; build_datasets and scripts/prepare_data.py."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+from conftest import PROJECT
+
+import loop.data
+from loop.config import DataConfig, load_config
+from loop.data import SplitReport, build_datasets, build_eval_split, prepare, speaker_disjoint_slice
+from loop.sources import UTTERANCE_FEATURES, DataError, SkipLog, load_utterances, read_common_voice_split
+
+PREFIX = ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
+
+
+def listed_durations(corpus_dir) -> dict[str, float]:
+    """clip id -> decoded duration in seconds, from the corpus' clip_durations.tsv."""
+    lines = (corpus_dir / "clip_durations.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    return {clip.removesuffix(".mp3"): int(ms) / 1000 for clip, ms in (line.split("\t") for line in lines)}
+
+
+def quickstart(cache_dir, *overrides, output_dir=None):
+    """The quickstart preset (shipped corpus, tiny model) with one preparation process."""
+    return load_config("quickstart", [f"--data.cache_dir={cache_dir}", "--data.num_proc=1", *overrides], output_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(processor, max_target_positions, session_cache_dir):
+    """The whole shipped corpus prepared once for the session, as the quickstart preset does it."""
+    return build_datasets(quickstart(session_cache_dir), processor, max_target_positions)
+
+
+@pytest.fixture
+def small_utterances(corpus_copy):
+    """The first 16 test rows (row 13 holds quote marks) over copies of their clips, so tests may touch them."""
+    folder = corpus_copy(train=1, dev=0, test=16)
+    return datasets.Dataset.from_list(read_common_voice_split(folder, "test", SkipLog()), features=UTTERANCE_FEATURES)
+
+
+def prepare_small(utterances, processor, cache_dir, name="test", **settings):
+    report = SplitReport(name)
+    table = prepare(utterances, processor.feature_extractor, processor.tokenizer, report, cache_dir=cache_dir,
+                    **{"max_duration_s": 30.0, "max_label_length": 256, **settings})
+    return table, report
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fails instead of hanging forever (the fork/OpenMP deadlock hung preparation with num_proc > 1)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: preparation with worker processes hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- the shipped corpus, prepared once -----------------------------------------------------------------------
+
+def test_the_shipped_corpus_prepares_with_nothing_skipped(prepared_corpus):
+    reports = prepared_corpus.reports
+    for report in reports.values():
+        assert dict(report.skips.counts) == {} and report.kept == report.read
+    assert reports["train"].kept + reports["selection"].kept == 338  # train 308 + dev 30
+    assert reports["test"].kept == len(prepared_corpus.test) == 30
+    assert 0 < reports["selection"].kept <= 40 == quickstart("").data.selection_size
+    assert prepared_corpus.selection_split == f"dev_slice ({reports['selection'].kept} utterances, speaker-disjoint from training)"
+    train_speakers, selection_speakers = set(prepared_corpus.train["client_id"]), set(prepared_corpus.selection["client_id"])
+    assert train_speakers and selection_speakers and not train_speakers & selection_speakers
+    assert len(train_speakers | selection_speakers) == 8
+
+
+def test_features_are_80_by_500_float32_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
+    fe = processor.feature_extractor
+    assert (fe.feature_size, fe.nb_max_frames, fe.chunk_length) == (80, 500, 5)  # the tiny model's 5-s window
+    table = prepared_corpus.test.with_format("numpy")
+    features = table[:4]["input_features"]
+    assert features.shape == (4, 80, 500) and features.dtype == np.float32
+    assert np.isfinite(features).all() and features.std() > 0.1  # log-mel of speech, not the zero placeholder
+    listed = listed_durations(corpus_dir)
+    for split in ("train", "selection", "test"):
+        table = getattr(prepared_corpus, split)
+        measured = dict(zip(table["id"], table["duration"]))
+        assert len(measured) == len(table)
+        assert max(abs(seconds - listed[clip]) for clip, seconds in measured.items()) <= 0.001
+
+
+def test_labels_carry_whisper_prefix_and_decode_to_the_sentence(prepared_corpus, processor, corpus_dir):
+    tokenizer = processor.tokenizer
+    sentences = [line.split("\t")[3] for line in (corpus_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert prepared_corpus.test["text"] == sentences  # the order of test.tsv, quote marks included
+    for labels, sentence in zip(prepared_corpus.test["labels"], sentences):
+        tokens = tokenizer.convert_ids_to_tokens(labels)
+        assert tokens[:4] == PREFIX and tokens[-1] == "<|endoftext|>"
+        assert not any(t.startswith("<|") for t in tokens[4:-1])
+        assert tokenizer.decode(labels, skip_special_tokens=True) == sentence
+
+
+# --- bad rows ------------------------------------------------------------------------------------------------
+
+def test_every_kind_of_bad_row_is_skipped_and_counted(broken_corpus, processor, max_target_positions, tmp_path):
+    assert max_target_positions == 256
+    wordy_ids = processor.tokenizer(broken_corpus.long_transcript).input_ids
+    assert len(wordy_ids) > 256  # the case is what it claims to be
+    report = SplitReport("train", skips=SkipLog())
+    utterances = load_utterances(DataConfig(path=str(broken_corpus.path)), "train", report.skips)
+    report.read = sum(report.skips.counts.values())
+    prepared = prepare(utterances, processor.feature_extractor, processor.tokenizer, report, max_duration_s=30,
+                       max_label_length=max_target_positions, cache_dir=tmp_path)
+    assert dict(report.skips.counts) == broken_corpus.skips == {
+        "duplicate_row": 1, "bad_tsv_row": 3, "missing_clip": 1, "empty_audio": 1, "unreadable_audio": 1,
+        "too_long": 1, "empty_transcript": 1, "labels_too_long": 1,
+    }
+    assert len(prepared) == report.kept == broken_corpus.good == 12  # every good row, and only those
+    assert report.read == broken_corpus.total == 22
+    assert not set(prepared["id"]) & {"missing", "zero", "garbage", "long", "blank", "wordy"}
+    clips, line = broken_corpus.path / "clips", broken_corpus.rows
+    assert {reason: messages for reason, messages in report.skips.messages.items() if "tsv_row" not in reason
+            and reason != "duplicate_row"} == {
+        "missing_clip": [f"train.tsv row {line['missing_clip']}: {clips / 'missing.mp3'}: audio file not found"],
+        "empty_audio": [f"train.tsv row {line['empty_audio']}: {clips / 'zero.mp3'}: file is empty (0 bytes)"],
+        "unreadable_audio": [report.skips.messages["unreadable_audio"][0]],
+        "too_long": [f"train.tsv row {line['too_long']}: 12.0 s of audio is over the 5 s limit"],
+        "empty_transcript": [f"train.tsv row {line['empty_transcript']}: transcript is empty"],
+        "labels_too_long": [f"train.tsv row {line['labels_too_long']}: {len(wordy_ids)} label tokens, "
+                            "more than the model's 256"],
+    }
+    assert report.skips.messages["unreadable_audio"][0].startswith(
+        f"train.tsv row {line['unreadable_audio']}: {clips / 'garbage.mp3'}: cannot decode audio")
+    assert "labels_too_long 1" in report.summary() and report.summary().startswith("train: 12 of 22 utterances kept")
+    json.dumps(report.as_dict())  # written to data_report.json as it is
+
+
+def test_strict_mode_stops_at_a_bad_clip_with_its_row(corpus_copy, processor, max_target_positions, tmp_path):
+    folder = corpus_copy(train=12, dev=0, test=4)
+    gone = read_common_voice_split(folder, "train", SkipLog())[6]
+    os.remove(gone["audio_path"])  # every row reads fine; the clip is missing only when preparation decodes it
+    config = quickstart(tmp_path, f"--data.path={folder}", "--data.strict=true", "--data.selection_size=4")
+    with pytest.raises(DataError) as caught:
+        build_datasets(config, processor, max_target_positions)
+    assert str(caught.value) == (f"train.tsv row 8: {gone['audio_path']}: audio file not found [missing_clip] "
+                                 "(data.strict is on; turn it off to skip and count bad rows)")
+    lenient = build_datasets(quickstart(tmp_path, f"--data.path={folder}", "--data.selection_size=4"), processor,
+                             max_target_positions)
+    assert dict(lenient.reports["train"].skips.counts) == {"missing_clip": 1}
+
+
+# --- the cache -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def forbid_preparing(monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("prepared again although the cache holds this data")
+
+    return lambda: monkeypatch.setattr(loop.data, "_prepare_batch", must_not_run)
+
+
+def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path, forbid_preparing):
+    cache = tmp_path / "cache"
+    first, _ = prepare_small(small_utterances, processor, cache)
+    files = sorted(os.listdir(cache))
+    assert len(files) == 1 and files[0].startswith("test-") and files[0].endswith(".arrow")
+    forbid_preparing()
+    second, report = prepare_small(small_utterances, processor, cache)
+    assert sorted(os.listdir(cache)) == files
+    assert second["labels"] == first["labels"] and (report.read, report.kept) == (16, 16)
+    np.testing.assert_array_equal(second.with_format("numpy")["input_features"], first.with_format("numpy")["input_features"])
+
+
+def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, tmp_path, corpus_dir, forbid_preparing):
+    cache = tmp_path / "cache"
+    prepare_small(small_utterances, processor, cache)
+    listed = listed_durations(corpus_dir)
+    over = sum(listed[clip] > 2.5 for clip in small_utterances["id"])
+    assert 0 < over < 16 and all(abs(listed[clip] - 2.5) > 0.005 for clip in small_utterances["id"])
+    shorter, report = prepare_small(small_utterances, processor, cache, max_duration_s=2.5)
+    assert dict(report.skips.counts) == {"too_long": over} and len(shorter) == 16 - over
+    assert len(os.listdir(cache)) == 2
+    os.utime(small_utterances[3]["audio_path"], ns=(0, 1_000_000_000))  # a clip replaced since: a new mtime
+    again, _ = prepare_small(small_utterances, processor, cache)
+    assert len(os.listdir(cache)) == 3 and len(again) == 16
+    forbid_preparing()  # the same inputs once more: from the cache
+    assert prepare_small(small_utterances, processor, cache)[0]["labels"] == again["labels"]
+    with pytest.raises(AssertionError, match="prepared again"):
+        prepare_small(small_utterances, processor, cache, max_label_length=255)
+
+
+def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor, tmp_path, forbid_preparing):
+    # The serial run goes first on purpose: it starts torch's OpenMP pool in this process before the workers fork.
+    serial, _ = prepare_small(small_utterances, processor, tmp_path / "serial")
+    with deadline(120):
+        parallel, report = prepare_small(small_utterances, processor, tmp_path / "parallel", num_proc=2)
+    assert sorted(os.listdir(tmp_path / "parallel"))[-1].endswith("_00001_of_00002.arrow")  # two shards: two workers
+    assert (report.read, report.kept) == (16, 16) and parallel["id"] == serial["id"]
+    assert parallel["labels"] == serial["labels"]
+    np.testing.assert_allclose(parallel.with_format("numpy")["input_features"],
+                               serial.with_format("numpy")["input_features"], atol=1e-5)
+    forbid_preparing()
+    with deadline(120):
+        again, _ = prepare_small(small_utterances, processor, tmp_path / "parallel", num_proc=2)
+    assert again["labels"] == serial["labels"]
+
+
+# --- the selection slice -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_and_dev(corpus_dir):
+    rows = [row for split in ("train", "dev") for row in read_common_voice_split(corpus_dir, split, SkipLog())]
+    return datasets.Dataset.from_list(rows, features=UTTERANCE_FEATURES)
+
+
+@pytest.mark.parametrize("size", [40, 100, 200])
+def test_the_selection_slice_is_speaker_disjoint_and_within_size(train_and_dev, size):
+    rest, chosen = speaker_disjoint_slice(train_and_dev, size, seed=1)
+    speakers = train_and_dev["client_id"]
+    assert not {speakers[i] for i in rest} & {speakers[i] for i in chosen}
+    assert sorted(rest + chosen) == list(range(338))  # every row in exactly one part
+    # Speakers are taken while they fit: one that was passed over did not fit in what was left, and the
+    # largest speaker has 50 rows ([37, 38, 38, 39, 42, 45, 49, 50]).
+    assert size - 50 < len(chosen) <= size
+    assert speaker_disjoint_slice(train_and_dev, size, seed=1) == (rest, chosen)  # seeded: the same again
+    other_seeds = {tuple(speaker_disjoint_slice(train_and_dev, size, seed=seed)[1]) for seed in range(2, 6)}
+    assert len(other_seeds | {tuple(chosen)}) > 1  # and the seed matters
+
+
+def test_a_slice_smaller_than_every_speaker_stays_within_size(train_and_dev):
+    speakers = train_and_dev["client_id"]
+    smallest = min(set(speakers), key=speakers.count)
+    rest, chosen = speaker_disjoint_slice(train_and_dev, 10, seed=0)
+    assert len(chosen) == 10 and {speakers[i] for i in chosen} == {smallest}
+    assert smallest not in {speakers[i] for i in rest}  # its other rows are used by neither part
+    assert len(rest) == 338 - speakers.count(smallest) == 301
+
+
+def test_rows_without_a_speaker_count_as_their_own(train_and_dev):
+    table = train_and_dev.select(range(20)).map(lambda row: {"client_id": ""})
+    rest, chosen = speaker_disjoint_slice(table, 7, seed=3)
+    assert len(chosen) == 7 and len(rest) == 13
+    assert speaker_disjoint_slice(table, 0, seed=3) == (list(range(20)), [])
+
+
+# --- build_datasets and the script ---------------------------------------------------------------------------
+
+def test_sample_limits_and_recipe_mode(processor, max_target_positions, tmp_path):
+    data = build_datasets(
+        quickstart(tmp_path, "--data.max_train_samples=6", "--data.max_eval_samples=3", "--eval.select_on=test"),
+        processor, max_target_positions)
+    assert (len(data.train), len(data.selection), len(data.test)) == (6, 3, 3)
+    assert data.selection_split == "test (recipe mode: test used for model selection)"
+    # one report for the test split, which is also the selection split
+    assert data.reports["selection"] is data.reports["test"] and (data.reports["test"].read, data.reports["test"].kept) == (3, 3)
+    assert data.report_dict()["train"] == {"read": 6, "kept": 6, "skipped": {}, "messages": {}}
+    table, report = build_eval_split(quickstart(tmp_path, "--data.max_eval_samples=5"), processor, max_target_positions, "dev")
+    assert len(table) == report.kept == 5 and report.name == "dev"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prepare_data_script", PROJECT / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_data_script_on_the_shipped_corpus(prepared_corpus, session_cache_dir, tmp_path, capsys, forbid_preparing):
+    forbid_preparing()  # the same preset and settings as `prepared_corpus`: everything comes from the cache
+    code = load_script().main(["--config", "quickstart", f"--data.cache_dir={session_cache_dir}", "--data.num_proc", "1",
+                               "--output_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    kept = {name: report.kept for name, report in prepared_corpus.reports.items()}
+    assert out.splitlines()[:3] == [
+        f"train: {kept['train']} of {kept['train']} utterances kept; skipped: none",
+        f"selection: {kept['selection']} of {kept['selection']} utterances kept; skipped: none",
+        "test: 30 of 30 utterances kept; skipped: none",
+    ]
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
+    assert report == prepared_corpus.report_dict()
+    assert report["test"] == {"read": 30, "kept": 30, "skipped": {}, "messages": {}}
+
+
+def test_prepare_data_script_reports_bad_rows_and_strict_fails(broken_corpus, tmp_path, capsys):
+    script = load_script()
+    common = ["--config", "quickstart", f"--data.path={broken_corpus.path}", f"--data.cache_dir={tmp_path / 'cache'}",
+              "--data.num_proc=1", "--eval.select_on=test"]
+    assert script.main([*common, "--output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train: 12 of 22 utterances kept; skipped: bad_tsv_row 3, duplicate_row 1, empty_audio 1")
+    assert out.count("test: 4 of 4 utterances kept") == 1  # selection and test share one report: printed once
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
+    assert report["train"]["skipped"] == broken_corpus.skips and report["train"]["kept"] == 12
+    assert script.main([*common, "--data.strict=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "data.strict is on" in err and "train.tsv row" in err
+
+
+def test_prepare_data_script_exits_2_with_every_config_problem(tmp_path):
+    """The real entry point, as a user runs it (a subprocess: its own sys.path set-up is part of the test)."""
+    done = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "--config", "quickstart", "--data.path=/nowhere",
+         "--train.learning_rate", "-1", "--output", str(tmp_path)],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: invalid configuration:",
+        "  - command line: unknown option --output (options look like --section.key=value)",
+        "  - data.path '/nowhere' does not exist",
+        "  - train.learning_rate must be > 0, got -1.0",
+    ]
+    assert not (tmp_path / "data_report.json").exists()
