@@ -30,6 +30,7 @@ from loop.config import ConfigError, RunConfig, flat_hparams, to_dict
 from loop.data import PreparedData, Rows, build_datasets, longest_first
 from loop.evaluation import EvalResult, evaluate
 from loop.model import load_model
+from loop.model_card import push_to_hub, write_model_card
 from loop.results import package_versions, write_best_model
 
 TENSORBOARD_PROJECT = "tensorboard"  # logs land in <output_dir>/tensorboard
@@ -448,6 +449,10 @@ def finish(run: Run) -> dict:
     }
     if accelerator.is_main_process:
         (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        write_model_card(best_dir, results, config)
+        if config.train.push_to_hub:  # the token comes from `hf auth login` or HF_TOKEN, never from the config
+            uploaded = push_to_hub(best_dir, config.train.hub_model_id)
+            accelerator.print(f"pushed {len(uploaded)} files of {best_dir} to {config.train.hub_model_id}")
         accelerator.print(
             f"done: selection WER {state.initial_wer} -> best {state.best_wer:.2f} at step {state.best_step}; "
             f"{config.data.eval_split} WER of best/ {test.metrics['wer']:.2f}"

@@ -161,6 +161,8 @@ def test_results_json_and_outputs(tmp_path, fast_model, cache_dir):
     assert saved["versions"]["transformers"].startswith("5.")
     assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "tokenizer.json").is_file()
     assert json.loads((out / "best" / "generation_config.json").read_text())["language"] == "hi"
+    card = (out / "best" / "README.md").read_text()
+    assert card.startswith("---\n") and "automatic-speech-recognition" in card and "whisper" in card
     assert [step for step, _ in list_checkpoints(out)][-1] == 4
     assert len(list_checkpoints(out)) <= 2  # the limit, plus the best when it is older
     assert tensorboard_scalars(out, "eval/wer").keys() == {0, 2, 4}
