@@ -1,9 +1,10 @@
-"""Loading a Whisper checkpoint (Hub id or local folder) with its processor, configured for fine-tuning."""
+"""Loading a Whisper checkpoint (Hub id or local folder) with its processor: configured for fine-tuning
+(`load_model`) or as saved, for inference (`load_for_inference`)."""
 
 from __future__ import annotations
 
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
-from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from loop.config import EvalConfig, ModelConfig, resolve_path
 
@@ -75,3 +76,44 @@ def set_generation_settings(model, language: str, task: str, eval_config: EvalCo
     if eval_config is not None:
         settings.max_length = eval_config.generation_max_length
         settings.num_beams = eval_config.generation_num_beams
+
+
+def load_for_inference(
+    name_or_path: str,
+    *,
+    language: str | None = None,
+    task: str | None = None,
+    num_beams: int | None = None,
+    max_length: int | None = None,
+    fallback_language: str = "hindi",
+    attn_implementation: str = "sdpa",
+) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """A saved model in eval mode, decoding as its folder says: the generation config saved with every model of
+    the loop carries language, task, max_length and num_beams. Arguments that are not None override those; a
+    checkpoint that names no language (a Hub base model) gets `fallback_language`."""
+    location = model_location(name_or_path)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(
+            location, attn_implementation=attn_implementation, dtype="float32"
+        )
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load a Whisper model from {name_or_path!r}: {error} "
+            "(check the path or Hub id, and your network or HF_HUB_OFFLINE)"
+        ) from error
+    settings = model.generation_config
+    language = language or getattr(settings, "language", None) or fallback_language
+    task = task or getattr(settings, "task", None) or "transcribe"
+    set_generation_settings(model, language, task, None)
+    if num_beams is not None:
+        settings.num_beams = num_beams
+    if max_length is not None:
+        settings.max_length = max_length
+    model.config.use_cache = True
+    model.eval()
+    return model, load_processor(name_or_path, language, task)
+
+
+def language_name(code: str) -> str:
+    """`hi` or `hindi` -> `hindi` (Whisper's name for it); unknown values come back unchanged."""
+    return LANGUAGES.get(language_code(code), code)

@@ -20,6 +20,10 @@ TAGS = ["automatic-speech-recognition", "whisper", "whisper-loop", "hf-asr-leade
 CV_RELEASE = re.compile(r"^cv-corpus-(\d+)\.(\d+)-\d{4}-\d{2}-\d{2}$")
 
 
+class HubUploadError(RuntimeError):
+    """`best/` could not be pushed; the message names the repository and what to check."""
+
+
 def dataset_id(config: RunConfig) -> str:
     """The dataset as the Hub names it: `mozilla-foundation/common_voice_17_0` for an extracted Common Voice
     release, the dataset id for a Hub source, else the local folder's name."""
@@ -172,7 +176,7 @@ def render_model_card(results: dict, config: RunConfig) -> str:
     front_matter = yaml.safe_dump(metadata(results, config), sort_keys=False, allow_unicode=True)
     name = model_name(config)
     repo_or_path = config.train.hub_model_id or str(Path(config.output_dir) / "best")
-    start = base_model(config) or f"the local checkpoint `{Path(config.model.name_or_path).name}`"
+    start = base_model(config) or f"The local checkpoint `{Path(config.model.name_or_path).name}`"
     lines = [
         "---", front_matter.rstrip(), "---", "",
         f"# {name}", "",
@@ -205,23 +209,23 @@ def upload_files(best_dir: str | Path) -> list[str]:
 
 def push_to_hub(best_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> list[str]:
     """Creates the model repository if needed and uploads `best_dir` to it in one commit; returns the uploaded
-    files. Any failure (no token, no network, HF_HUB_OFFLINE, no permission) becomes a RuntimeError naming the
-    repository."""
+    files. Any failure (no token, no network, HF_HUB_OFFLINE, no permission) becomes a HubUploadError (a
+    RuntimeError) naming the repository."""
     from huggingface_hub import HfApi
 
     folder = Path(best_dir)
     if not folder.is_dir():
-        raise RuntimeError(f"cannot push {folder} to {repo_id}: no such folder")
+        raise HubUploadError(f"cannot push {folder} to {repo_id}: no such folder")
     files = upload_files(folder)
     if "README.md" not in files:
-        raise RuntimeError(f"cannot push {folder} to {repo_id}: it has no README.md (write_model_card first)")
+        raise HubUploadError(f"cannot push {folder} to {repo_id}: it has no README.md (write_model_card first)")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message="Upload model trained with whisper-loop")
     except Exception as error:  # HfHubHTTPError, OfflineModeIsEnabled, connection errors, ...
-        raise RuntimeError(
+        raise HubUploadError(
             f"could not push {folder} to the Hub repository {repo_id!r}: {error} "
             "(log in with `hf auth login` or set HF_TOKEN, check the network, and unset HF_HUB_OFFLINE)"
         ) from error

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
 from loop.model import ModelLoadError  # noqa: E402
+from loop.model_card import HubUploadError  # noqa: E402
 from loop.sources import DataError  # noqa: E402
 from loop.train import train  # noqa: E402
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
+    except (FloatingPointError, HubUploadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,212 @@
+"""Standalone evaluation of a saved model on one prepared split, through the same `loop.evaluation.evaluate`
+the training loop uses, optionally against a second model on the same utterances. `scripts/evaluate.py` is the
+command line; this module does the work.
+
+One decoding, three paths: the model folder's saved generation config (language, task, max_length, num_beams)
+decides how it decodes, here as in the loop and the demo, unless the command line overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from loop.collator import SpeechSeq2SeqCollator
+from loop.config import ConfigError, RunConfig, parse_overrides
+from loop.data import Rows, SplitReport, build_eval_split, longest_first
+from loop.evaluation import EvalResult, evaluate
+from loop.model import load_for_inference
+from loop.report import utterance_rows, write_predictions_jsonl, write_report_html, write_report_md
+from loop.sources import DataError
+
+METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "num_utterances", "num_failed")
+
+
+@dataclass
+class DecodeOverrides:
+    """Decoding settings given on the command line; None keeps what the model folder saved."""
+
+    language: str | None = None
+    task: str | None = None
+    num_beams: int | None = None
+    max_length: int | None = None
+
+    @classmethod
+    def from_command_line(cls, language: str | None, task: str | None, num_beams: int | None,
+                          overrides: list[str]) -> DecodeOverrides:
+        """`--language/--task/--num_beams`, else the same settings given as `--model.language`, `--model.task`,
+        `--eval.generation_num_beams`, `--eval.generation_max_length` (a preset's values do not override the
+        model folder: only what the user typed does)."""
+        typed, _ = parse_overrides(overrides)
+        model, evaluation = typed.get("model", {}), typed.get("eval", {})
+        beams = num_beams if num_beams is not None else evaluation.get("generation_num_beams")
+        max_length = evaluation.get("generation_max_length")
+        return cls(
+            language=language or model.get("language"),
+            task=task or model.get("task"),
+            num_beams=int(beams) if beams is not None else None,
+            max_length=int(max_length) if max_length is not None else None,
+        )
+
+
+@dataclass
+class ModelEvaluation:
+    """One model's result on the split: `metrics` as written to metrics.json, `rows` as in predictions.jsonl."""
+
+    metrics: dict
+    rows: list[dict]
+
+
+def build_accelerator(mixed_precision: str | None) -> Accelerator:
+    """An Accelerator for inference; `accelerate launch` decides the processes (gloo on CPU when no GPU)."""
+    mixed_precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError([f"--mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}"])
+    if mixed_precision != "no" and not torch.cuda.is_available():
+        raise ConfigError([f"--mixed_precision {mixed_precision} needs a GPU; on CPU use --mixed_precision no"])
+    return Accelerator(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                       mixed_precision=mixed_precision)
+
+
+def eval_dataloader(table: datasets.Dataset, processor, model, batch_size: int) -> DataLoader:
+    """Longest clips first, as the loop's evaluation loaders."""
+    collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
+    return DataLoader(Rows(table, longest_first(table)), batch_size=batch_size, collate_fn=collator,
+                      pin_memory=torch.cuda.is_available())
+
+
+def decode_once(model, processor, table: datasets.Dataset, accelerator: Accelerator, batch_size: int,
+                description: str) -> EvalResult:
+    """Every row of `table` decoded once over all processes by `loop.evaluation.evaluate`."""
+    loader = accelerator.prepare(eval_dataloader(table, processor, model, batch_size))
+    prepared = accelerator.prepare_model(model, evaluation_mode=True)
+    return evaluate(prepared, loader, accelerator, processor.tokenizer, table["text"],
+                    model.generation_config.language, description=description)
+
+
+def decoding_settings(model) -> dict:
+    settings = model.generation_config
+    return {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams or 1,
+            "max_length": settings.max_length}
+
+
+def summary_metrics(name: str, split: str, result: EvalResult, report: SplitReport, model,
+                    accelerator: Accelerator) -> dict:
+    """What metrics.json says about one model: the rates, the rows skipped by preparation and why, the decoding."""
+    return {
+        "model": name,
+        "split": split,
+        **{key: result.metrics[key] for key in METRIC_KEYS if key in result.metrics},
+        "num_read": report.read,
+        "num_skipped": sum(report.skips.counts.values()),
+        "skipped": dict(report.skips.counts),
+        "skip_messages": report.skips.messages,
+        "seconds": result.seconds,
+        "decoding": decoding_settings(model),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def same_preparation(processor, other) -> bool:
+    """Whether prepared rows fit both models: the same features (window, mel bins) and the same label tokens."""
+    return (processor.feature_extractor.to_dict() == other.feature_extractor.to_dict()
+            and processor.tokenizer.prefix_tokens == other.tokenizer.prefix_tokens
+            and processor.tokenizer.backend_tokenizer.to_str() == other.tokenizer.backend_tokenizer.to_str())
+
+
+def rows_like(table: datasets.Dataset, reference: datasets.Dataset) -> datasets.Dataset:
+    """`table`'s rows for the utterances of `reference`, in its order; every one must be there."""
+    position = {utterance: i for i, utterance in enumerate(table["id"])}
+    missing = [utterance for utterance in reference["id"] if utterance not in position]
+    if missing:
+        raise DataError(
+            f"--compare: {len(missing)} of the {len(reference)} utterances the first model was evaluated on cannot "
+            f"be prepared for the second one (e.g. {missing[0]}; its audio window or label length may be shorter): "
+            "swap the two models or lower --data.max_duration_s"
+        )
+    return table.select([position[utterance] for utterance in reference["id"]])
+
+
+@dataclass
+class PreparedSplit:
+    """The prepared rows one model was evaluated on, their report, and the processor that prepared them."""
+
+    table: datasets.Dataset
+    report: SplitReport
+    processor: object
+
+
+def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
+                  same_as: PreparedSplit | None = None) -> PreparedSplit:
+    """`config.data.eval_split` prepared for `model`. With `same_as` (another model's split) the same utterances:
+    its very table when the preparation fits this model too, else the same ids prepared again for this one."""
+    if same_as is not None and same_preparation(same_as.processor, processor):
+        return PreparedSplit(same_as.table, same_as.report, processor)
+    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+        table, report = build_eval_split(config, processor, model.config.max_target_positions)
+    if same_as is not None:
+        table = rows_like(table, same_as.table)
+    if len(table) == 0:
+        raise DataError(f"no usable utterances to evaluate: {report.summary()}")
+    return PreparedSplit(table, report, processor)
+
+
+def evaluate_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
+                   batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
+    """Loads `name` as saved (plus `decode`) and evaluates it on the split (on `same_as`'s utterances if given)."""
+    model, processor = load_for_inference(
+        name, **asdict(decode), fallback_language=config.model.language,
+        attn_implementation=config.model.attn_implementation,
+    )
+    split = prepare_split(config, model, processor, accelerator, same_as)
+    result = decode_once(model, processor, split.table, accelerator, batch_size, description=f"evaluate {name}")
+    metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
+    return ModelEvaluation(metrics, utterance_rows(result.predictions, split.table)), split
+
+
+def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,
+                   decode: DecodeOverrides | None = None, batch_size: int | None = None,
+                   mixed_precision: str | None = None, html: bool = False) -> dict:
+    """Evaluates `model_name` (and `compare`, on the same utterances) and, on the main process, writes
+    metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. Returns the metrics."""
+    decode = decode or DecodeOverrides()
+    batch_size = batch_size or config.eval.per_device_eval_batch_size
+    accelerator = build_accelerator(mixed_precision)
+    first, split = evaluate_model(config, model_name, decode, accelerator, batch_size)
+    second = None
+    if compare:
+        second, _ = evaluate_model(config, compare, decode, accelerator, batch_size, same_as=split)
+        first.metrics["compare"] = second.metrics
+    if accelerator.is_main_process:
+        write_outputs(Path(config.output_dir), first, second, html)
+    accelerator.wait_for_everyone()
+    return first.metrics
+
+
+def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluation | None, html: bool) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / "metrics.json"]
+    written[0].write_text(json.dumps(first.metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    written.append(write_predictions_jsonl(output_dir / "predictions.jsonl", first.rows))
+    compare_rows = second.rows if second is not None else None
+    if second is not None:
+        written.append(write_predictions_jsonl(output_dir / "compare_predictions.jsonl", second.rows))
+    written.append(write_report_md(output_dir / "report.md", first.metrics, first.rows, compare_rows))
+    if html:
+        written.append(write_report_html(output_dir / "report.html", first.metrics, first.rows, compare_rows))
+    return written
+
+
+def summary_line(metrics: dict) -> str:
+    skipped = f", {metrics['num_skipped']} skipped" if metrics.get("num_skipped") else ""
+    return (f"{metrics['model']} on {metrics['split']} ({metrics['num_utterances']} utterances{skipped}): "
+            f"WER {metrics['wer']:.2f}  CER {metrics['cer']:.2f}  normalized WER {metrics['normalized_wer']:.2f}  "
+            f"normalized CER {metrics['normalized_cer']:.2f}  ({metrics['seconds']:.1f} s)")

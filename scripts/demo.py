@@ -1,0 +1,40 @@
+"""A browser demo of a saved model: record or upload audio, read the transcript.
+
+    python scripts/demo.py --model runs/whisper-small-hi/best [--port 7860] [--host 127.0.0.1] [--share]
+
+Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for a public link.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, build_app, launch  # noqa: E402
+from loop.model import ModelLoadError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--model", required=True, help="model folder (e.g. runs/NAME/best) or Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--max_duration_s", type=float, default=DEFAULT_MAX_DURATION_S,
+                        help="longest audio transcribed, in seconds")
+    parser.add_argument("--max_file_size", default=DEFAULT_MAX_FILE_SIZE, help="largest upload, e.g. 100mb")
+    args = parser.parse_args(argv)
+    try:
+        app = build_app(args.model, max_duration_s=args.max_duration_s)
+    except ModelLoadError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    launch(app, host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The Gradio demo, served in-process and called with gradio_client: the transcript of a shipped clip equals
+`transcribe()`'s, bad input gives a clear message, and audio longer than the window goes through long-form."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import soundfile
+
+from loop.audio import SAMPLE_RATE, decode_audio
+from tests.eval_helpers import build_decoding_checkpoint, one_torch_thread
+
+MAX_DURATION_S = 20.0  # the checkpoint's window is 5 s: a 12-s clip is long-form, a 25-s clip is over the limit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_decoding_checkpoint(tmp_path_factory.getbasetemp() / "decoding-checkpoint")
+
+
+@pytest.fixture(scope="module")
+def clips(corpus_dir):
+    return sorted((corpus_dir / "clips").glob("*.mp3"))
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory, clips) -> str:
+    """About 12 s of speech: shipped clips one after another, as a WAV."""
+    waveform, chosen = [], iter(clips)
+    while sum(len(w) for w in waveform) < 12 * SAMPLE_RATE:
+        waveform.append(decode_audio(next(chosen)))
+    path = tmp_path_factory.mktemp("long") / "long.wav"
+    soundfile.write(path, np.concatenate(waveform), SAMPLE_RATE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def too_long_clip(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("too-long") / "too-long.wav"
+    soundfile.write(path, np.zeros(int(25 * SAMPLE_RATE), dtype=np.float32), SAMPLE_RATE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def not_audio(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("not-audio") / "notes.wav"
+    path.write_text("यह आवाज़ नहीं, पाठ है।\n" * 50, encoding="utf-8")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    """The app served on a free local port, and a gradio_client connected to it; closed after the module."""
+    from gradio_client import Client
+
+    from loop.demo import build_app, launch
+
+    app = build_app(checkpoint, max_duration_s=MAX_DURATION_S)
+    launch(app, host="127.0.0.1", port=free_port(), max_file_size="5mb", block=False)
+    try:
+        yield Client(app.local_url, verbose=False)
+    finally:
+        app.close()
+
+
+def test_transcript_equals_transcribe(client, checkpoint, clips):
+    from gradio_client import handle_file
+
+    from loop.evaluation import transcribe
+    from loop.model import load_for_inference
+
+    model, processor = load_for_inference(str(checkpoint))
+    features = processor.feature_extractor(decode_audio(clips[0]), sampling_rate=SAMPLE_RATE,
+                                           return_tensors="pt").input_features
+    expected = transcribe(model, features, processor.tokenizer)[0]
+    text, seconds = client.predict(handle_file(str(clips[0])), "hi", "transcribe", api_name="/transcribe")
+    assert text == expected and text
+    assert 0 < seconds < 60
+
+
+def test_bad_input_gets_a_clear_message(client, not_audio, too_long_clip):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="No audio: record something with the microphone or upload a file first"):
+        client.predict(None, "hi", "transcribe", api_name="/transcribe")
+    with pytest.raises(AppError, match=r"notes.wav cannot be read as audio \(unreadable_audio\): upload a WAV, MP3"):
+        client.predict(handle_file(not_audio), "hi", "transcribe", api_name="/transcribe")
+    with pytest.raises(AppError, match=r"The audio is 25 s long; this demo transcribes at most 20 s"):
+        client.predict(handle_file(too_long_clip), "hi", "transcribe", api_name="/transcribe")
+
+
+def test_long_audio_goes_through_long_form(client, checkpoint, long_clip, monkeypatch):
+    from gradio_client import handle_file
+
+    import loop.demo
+    from loop.demo import Transcriber
+
+    text, _ = client.predict(handle_file(long_clip), "hi", "transcribe", api_name="/transcribe")
+    assert isinstance(text, str)
+    calls = []
+    original = loop.demo.transcribe_long
+    monkeypatch.setattr(loop.demo, "transcribe_long", lambda *args: calls.append(args) or original(*args))
+    transcriber = Transcriber(checkpoint, max_duration_s=MAX_DURATION_S)
+    direct, seconds = transcriber.transcribe_file(long_clip, "hindi", "transcribe")
+    assert len(calls) == 1 and direct == text and seconds > 0
+
+
+def test_transcribe_file_language_and_task_are_per_call(checkpoint, clips):
+    from loop.demo import DemoInputError, Transcriber
+
+    transcriber = Transcriber(checkpoint)
+    assert (transcriber.language, transcriber.task, transcriber.window_s) == ("hi", "transcribe", 5.0)
+    transcriber.transcribe_file(clips[1], "english", "translate")
+    assert (transcriber.language, transcriber.task) == ("hi", "transcribe")  # the saved settings are restored
+    with pytest.raises(DemoInputError, match="No audio"):
+        transcriber.transcribe_file("", None, None)

@@ -1,0 +1,189 @@
+"""scripts/evaluate.py on the shipped corpus: its files agree with each other, --compare and --html, clear errors,
+and one decoding on three paths (the loop's evaluation, evaluate.py, the demo) for the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loop.evaluate_model import DecodeOverrides, same_preparation
+from loop.metrics import error_rates
+from loop.model import load_for_inference
+from loop.report import read_predictions_jsonl
+from tests.eval_helpers import DECODE_MAX_LENGTH, build_decoding_checkpoint, one_torch_thread, run_evaluate_script
+from tests.helpers import PROJECT, reset_accelerate
+
+SAMPLES = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    return build_decoding_checkpoint(tmp_path_factory.getbasetemp() / "decoding-checkpoint")
+
+
+@pytest.fixture(scope="module")
+def data_args(corpus_dir, session_cache_dir):
+    return ["--data.path", corpus_dir, "--data.eval_split", "test", f"--data.max_eval_samples={SAMPLES}",
+            f"--data.cache_dir={session_cache_dir}", "--data.num_proc=1"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, checkpoint, tiny_model_dir, data_args):
+    """One run with --compare (the shipped tiny model: another window and vocabulary, so the same utterances are
+    prepared again for it) and --html. --eval.generation_max_length keeps the tiny model's decoding short."""
+    out = tmp_path_factory.mktemp("evaluated")
+    code = run_evaluate_script("--model", checkpoint, *data_args, "--output_dir", out, "--compare", tiny_model_dir,
+                               "--html", f"--eval.generation_max_length={DECODE_MAX_LENGTH}", "--batch_size=5")
+    assert code == 0
+    return out
+
+
+def test_writes_consistent_metrics_predictions_and_report(evaluated, checkpoint):
+    metrics = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
+    rows = read_predictions_jsonl(evaluated / "predictions.jsonl")
+    assert metrics["num_utterances"] == len(rows) == SAMPLES
+    assert metrics["num_skipped"] == 0 and metrics["skipped"] == {} and metrics["num_read"] == SAMPLES
+    recomputed = error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+    assert metrics["wer"] == pytest.approx(recomputed["wer"]) and metrics["cer"] == pytest.approx(recomputed["cer"])
+    assert {"normalized_wer", "normalized_cer", "loss", "seconds"} <= set(metrics)
+    assert metrics["model"] == str(checkpoint) and metrics["split"] == "test"
+    assert metrics["decoding"] == {"language": "hi", "task": "transcribe", "num_beams": 1,
+                                   "max_length": DECODE_MAX_LENGTH}
+    assert [r["index"] for r in rows] == list(range(SAMPLES))
+    assert all(r["hypothesis"] and os.path.isfile(r["audio_path"]) and 1 < r["duration"] < 5 for r in rows)
+    assert len({r["hypothesis"] for r in rows}) > 1  # the checkpoint says something different for each clip
+    report = (evaluated / "report.md").read_text(encoding="utf-8")
+    assert f"| WER % | {metrics['wer']:.2f} |" in report and "## WER by duration" in report
+
+
+def test_compare_writes_both_models(evaluated, tiny_model_dir):
+    metrics = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
+    second = metrics["compare"]
+    assert second["model"] == str(tiny_model_dir) and second["num_utterances"] == SAMPLES
+    # the command line's max length overrides the tiny model's saved 256
+    assert second["decoding"]["max_length"] == DECODE_MAX_LENGTH
+    rows = read_predictions_jsonl(evaluated / "predictions.jsonl")
+    other = read_predictions_jsonl(evaluated / "compare_predictions.jsonl")
+    assert [r["id"] for r in other] == [r["id"] for r in rows]  # the same utterances, in the same order
+    recomputed = error_rates([r["reference"] for r in other], [r["hypothesis"] for r in other])
+    assert second["wer"] == pytest.approx(recomputed["wer"])
+    report = (evaluated / "report.md").read_text(encoding="utf-8")
+    assert f"| WER % | {metrics['wer']:.2f} | {second['wer']:.2f} |" in report
+    assert "## Where the two models differ most" in report
+
+
+def test_html_report_embeds_the_audio(evaluated):
+    page = (evaluated / "report.html").read_text(encoding="utf-8")
+    assert page.count("<audio controls") == SAMPLES and "data:audio/mpeg;base64," in page
+    assert "hypothesis (B)" in page
+
+
+def test_one_decoding_three_paths(evaluated, checkpoint, corpus_dir, session_cache_dir):
+    """The same checkpoint gives the same hypotheses through the training loop's final evaluation (finish():
+    from_pretrained, the loop's test loader, evaluate), scripts/evaluate.py and the demo's transcribe_file."""
+    from accelerate import Accelerator
+    from transformers import WhisperForConditionalGeneration
+
+    from loop.config import load_config
+    from loop.data import PreparedData, build_eval_split
+    from loop.demo import Transcriber
+    from loop.evaluation import evaluate
+    from loop.model import load_processor
+    from loop.train import get_dataloaders
+
+    config = load_config(None, [f"--model.name_or_path={checkpoint}", f"--data.path={corpus_dir}",
+                                f"--data.max_eval_samples={SAMPLES}", f"--data.cache_dir={session_cache_dir}",
+                                "--eval.per_device_eval_batch_size=3"])
+    accelerator = Accelerator(mixed_precision="no")
+    try:
+        processor = load_processor(str(checkpoint), config.model.language, config.model.task)
+        best = WhisperForConditionalGeneration.from_pretrained(checkpoint)
+        table, _ = build_eval_split(config, processor, best.config.max_target_positions)
+        _, _, test_loader = get_dataloaders(config, PreparedData(table, table, table, "test", {}), processor, best)
+        best, test_loader = accelerator.prepare_model(best, evaluation_mode=True), accelerator.prepare(test_loader)
+        loop_result = evaluate(best, test_loader, accelerator, processor.tokenizer, table["text"],
+                               config.model.language, description="test")
+    finally:
+        reset_accelerate()
+    from_loop = {table["id"][p["index"]]: p["hypothesis"] for p in loop_result.predictions}
+    from_script = {r["id"]: r["hypothesis"] for r in read_predictions_jsonl(evaluated / "predictions.jsonl")}
+    demo = Transcriber(checkpoint)
+    from_demo = {r["id"]: demo.transcribe_file(r["audio_path"])[0]
+                 for r in read_predictions_jsonl(evaluated / "predictions.jsonl")}
+    assert len(from_loop) == SAMPLES
+    assert from_loop == from_script == from_demo
+
+
+def one_line_error(capsys) -> str:
+    """The error message: one line, the last one written to stderr (progress bars may come before it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+def test_errors_exit_2_with_one_line(tmp_path, checkpoint, data_args, capsys):
+    out = ["--output_dir", tmp_path / "out"]
+    assert run_evaluate_script("--model", tmp_path / "nowhere", *data_args, *out) == 2  # ConfigError
+    assert "does not exist" in one_line_error(capsys)
+    assert run_evaluate_script("--model", checkpoint, *data_args, "--data.eval_split", "nosuch", *out) == 2
+    assert "split 'nosuch' not found" in one_line_error(capsys)  # DataError
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    assert run_evaluate_script("--model", broken, *data_args, *out) == 2  # ModelLoadError
+    assert "cannot load" in one_line_error(capsys)
+    if not __import__("torch").cuda.is_available():
+        assert run_evaluate_script("--model", checkpoint, *data_args, "--mixed_precision", "fp16", *out) == 2
+        assert "needs a GPU" in one_line_error(capsys)
+    assert run_evaluate_script("--model", checkpoint, *data_args, "--language", "klingon", *out) == 2
+    assert "not a Whisper language" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoding_follows_the_model_folder_unless_overridden(checkpoint, tiny_model_dir):
+    model, processor = load_for_inference(str(checkpoint))
+    settings = model.generation_config
+    assert (settings.language, settings.task, settings.max_length) == ("hi", "transcribe", DECODE_MAX_LENGTH)
+    overrides = DecodeOverrides.from_command_line(
+        "english", None, 3, ["--eval.generation_max_length=40", "--model.task=translate", "--data.path=x"])
+    assert overrides == DecodeOverrides(language="english", task="translate", num_beams=3, max_length=40)
+    model, processor = load_for_inference(str(checkpoint), language="english", task="translate", num_beams=3,
+                                          max_length=40)
+    settings = model.generation_config
+    assert (settings.language, settings.task, settings.num_beams, settings.max_length) == ("en", "translate", 3, 40)
+    assert processor.tokenizer.prefix_tokens[1] == processor.tokenizer.convert_tokens_to_ids("<|en|>")
+    assert DecodeOverrides.from_command_line(None, None, None, ["--data.path=x"]) == DecodeOverrides()
+    assert same_preparation(processor, load_for_inference(str(checkpoint), language="english", task="translate")[1])
+    assert not same_preparation(processor, load_for_inference(str(tiny_model_dir))[1])
+
+
+def test_two_processes_give_the_single_process_result(tmp_path, checkpoint, data_args, evaluated):
+    """accelerate launch with 2 CPU processes (gloo): every utterance once, the same hypotheses and metrics."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
+               "--mixed_precision=no", "--dynamo_backend=no", "--multi_gpu", str(PROJECT / "scripts" / "evaluate.py"),
+               "--model", str(checkpoint), *map(str, data_args), "--output_dir", str(tmp_path / "two"),
+               "--batch_size=3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
+    assert two["num_processes"] == 2 and two["num_utterances"] == one["num_utterances"] == SAMPLES
+    for key in ("wer", "cer", "normalized_wer", "normalized_cer"):
+        assert two[key] == one[key]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    single = read_predictions_jsonl(evaluated / "predictions.jsonl")
+    double = read_predictions_jsonl(tmp_path / "two" / "predictions.jsonl")
+    assert [(r["id"], r["hypothesis"]) for r in double] == [(r["id"], r["hypothesis"]) for r in single]
+    assert done.stdout.count(" on test (") == 1  # only the main process prints the summary
