@@ -43,6 +43,7 @@ class EvalResult:
     seconds: float = 0.0
 
 
+@torch.no_grad()  # without it the loss pass records a graph, and loss_sums would keep every batch's graph alive
 def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *,
              compute_loss: bool = True, description: str = "eval") -> EvalResult:
     """Decodes every utterance of `dataloader` once across all processes and scores it against `references`
