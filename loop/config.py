@@ -132,7 +132,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     """Stop (after saving) when this many optimizer steps in a row have a non-finite loss."""
     torch_compile: bool = False
-    """Compile the model with `torch.compile` (the encoder input has a fixed shape)."""
+    """Compile the encoder with `torch.compile` (its input has a fixed shape; the first step then takes minutes)."""
     report_to: str = "tensorboard"
     """`tensorboard` or `none`."""
     push_to_hub: bool = False

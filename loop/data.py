@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio
-from loop.config import DataConfig, RunConfig
+from loop.config import RunConfig
+from loop.features import log_mel_features
 from loop.sources import DataError, SkipLog, load_utterances
 
-PREP_VERSION = 1  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 2  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 
@@ -149,11 +150,9 @@ def _prepare_batch(batch, rank, feature_extractor, tokenizer, max_duration_s, ma
     n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
     input_features = np.zeros((size, n_mels, n_frames), dtype=np.float32)
     if good:
-        # One call for the whole batch: the feature extractor's torch STFT path is much faster batched.
-        extracted = feature_extractor(
-            [waveforms[i] for i in good], sampling_rate=SAMPLE_RATE, return_tensors="np"
-        ).input_features
-        input_features[good] = extracted
+        # One STFT for the whole batch, over the audio only: the feature extractor's values without transforming
+        # the silence that pads each clip to the 30-s window (loop/features.py).
+        input_features[good] = log_mel_features([waveforms[i] for i in good], feature_extractor)
     return {
         "input_features": input_features,
         "labels": labels,
@@ -309,6 +308,12 @@ class Rows(torch.utils.data.Dataset):
         row = self.table[index]
         row["index"] = index
         return row
+
+    def __getitems__(self, positions: list[int]) -> list[dict]:
+        """A whole batch in one Arrow read (the DataLoader calls this instead of `__getitem__` once per row)."""
+        indices = [self.order[position] for position in positions]
+        columns = self.table[indices]
+        return [{**{name: columns[name][i] for name in self.COLUMNS}, "index": index} for i, index in enumerate(indices)]
 
 
 def longest_first(table: datasets.Dataset) -> list[int]:

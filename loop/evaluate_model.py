@@ -75,9 +75,9 @@ def build_accelerator(mixed_precision: str | None) -> Accelerator:
                        mixed_precision=mixed_precision)
 
 
-def eval_dataloader(table: datasets.Dataset, processor, model, batch_size: int) -> DataLoader:
+def eval_dataloader(table: datasets.Dataset, model, batch_size: int) -> DataLoader:
     """Longest clips first, as the loop's evaluation loaders."""
-    collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
+    collator = SpeechSeq2SeqCollator(model.config.decoder_start_token_id)
     return DataLoader(Rows(table, longest_first(table)), batch_size=batch_size, collate_fn=collator,
                       pin_memory=torch.cuda.is_available())
 
@@ -85,7 +85,7 @@ def eval_dataloader(table: datasets.Dataset, processor, model, batch_size: int) 
 def decode_once(model, processor, table: datasets.Dataset, accelerator: Accelerator, batch_size: int,
                 description: str) -> EvalResult:
     """Every row of `table` decoded once over all processes by `loop.evaluation.evaluate`."""
-    loader = accelerator.prepare(eval_dataloader(table, processor, model, batch_size))
+    loader = accelerator.prepare(eval_dataloader(table, model, batch_size))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
     return evaluate(prepared, loader, accelerator, processor.tokenizer, table["text"],
                     model.generation_config.language, description=description)

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from loop.loss import IGNORE_INDEX, token_losses
 from loop.metrics import compute_metrics
 
 
@@ -24,13 +24,13 @@ def transcribe(model, input_features: torch.Tensor, tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def generate_ids(model, input_features: torch.Tensor) -> torch.Tensor:
+def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None) -> torch.Tensor:
     """Generated token ids (batch, length); language and task are passed explicitly as the Whisper API requires,
-    everything else (max_length, num_beams) comes from `model.generation_config`."""
+    everything else (max_length, num_beams) comes from `model.generation_config`. With `encoder_outputs` (the
+    encoder's output for `input_features`, already computed) the encoder is not run again."""
     settings = model.generation_config
-    return model.generate(
-        input_features=input_features, language=settings.language, task=settings.task, use_cache=True
-    )
+    inputs = {"input_features": input_features} if encoder_outputs is None else {"encoder_outputs": encoder_outputs}
+    return model.generate(**inputs, language=settings.language, task=settings.task, use_cache=True)
 
 
 @dataclass
@@ -58,8 +58,10 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
         rows = len(batch["index"])
         try:
             with accelerator.autocast():
-                loss_sum, tokens = _per_row_loss(model, batch) if compute_loss else (None, None)
-                token_ids = generate_ids(generator, batch["input_features"])
+                # One encoder pass serves both the loss and generation.
+                encoder_outputs = generator.get_encoder()(batch["input_features"])
+                loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs) if compute_loss else (None, None)
+                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs)
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
             if "out of memory" in str(error).lower():
@@ -99,9 +101,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
     return EvalResult(metrics, predictions, time.perf_counter() - started)
 
 
-def _per_row_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_row_loss(model, batch, encoder_outputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy and target-token count per row, so the loss over a split is exact however the
     rows are batched and spread over processes."""
-    logits = model(input_features=batch["input_features"], labels=batch["labels"]).logits
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
-    return per_token.sum(dim=1), batch["labels"].ne(-100).sum(dim=1)
+    return token_losses(model, batch, encoder_outputs).sum(dim=1), batch["labels"].ne(IGNORE_INDEX).sum(dim=1)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
@@ -29,6 +28,7 @@ from loop.collator import SpeechSeq2SeqCollator
 from loop.config import ConfigError, RunConfig, flat_hparams, to_dict
 from loop.data import PreparedData, Rows, build_datasets, longest_first
 from loop.evaluation import EvalResult, evaluate
+from loop.loss import token_losses
 from loop.model import load_model
 from loop.model_card import push_to_hub, write_model_card
 from loop.results import package_versions, write_best_model
@@ -104,16 +104,19 @@ def setup(config: RunConfig) -> Run:
         data = build_datasets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
         write_data_report(config.output_dir, data)
-    train_loader, selection_loader, test_loader = get_dataloaders(config, data, processor, model)
+    train_loader, selection_loader, test_loader = get_dataloaders(config, data, model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.train.learning_rate,
         weight_decay=config.train.weight_decay,
-        fused=torch.cuda.is_available(),
+        fused=True,  # one kernel over all parameters, on CUDA and on the CPU (torch's default there is a Python loop)
     )
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
     if config.train.torch_compile:
-        model = torch.compile(model)
+        # In place, on the encoder only: its input always has the window's fixed shape, while the decoder's length
+        # changes with every batch and every generated token (each new shape would compile again). Compiling in
+        # place keeps the module and its parameter names, so checkpoints and best/ load without compiling.
+        model.model.encoder.compile()
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
@@ -152,9 +155,9 @@ def prepare_output_dir(config: RunConfig, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def get_dataloaders(config: RunConfig, data: PreparedData, processor, model) -> tuple[DataLoader, DataLoader, DataLoader]:
+def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Train (seeded shuffle), selection and test (longest first) loaders over the prepared tables."""
-    collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
+    collator = SpeechSeq2SeqCollator(model.config.decoder_start_token_id)
     workers = config.train.dataloader_num_workers
     common = {"collate_fn": collator, "num_workers": workers, "pin_memory": torch.cuda.is_available(),
               "persistent_workers": workers > 0}
@@ -184,7 +187,7 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
     """Trains to `max_steps`; returns "" when done, or the name of the signal that stopped it (after saving)."""
     config, accelerator, state = run.config, run.accelerator, run.state
     t, e = config.train, config.eval
-    batches = endless_batches(run)
+    batches = WaitClock(endless_batches(run))
     resumed_at = state.step if state.step > 0 else None
     progress = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     interval = Interval()
@@ -205,13 +208,13 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
                 f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
                 f"(step {state.step}); saved a checkpoint. Lower train.learning_rate or use bf16 instead of fp16."
             )
-        started = time.perf_counter()
+        started, waited = time.perf_counter(), batches.seconds
         try:
             loss_sum, tokens, grad_norm, samples, audio_s = optimizer_step(run, batches)
         except torch.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
         state.step += 1
-        interval.add(loss_sum, tokens, samples, audio_s, time.perf_counter() - started)
+        interval.add(loss_sum, tokens, samples, audio_s, time.perf_counter() - started, batches.seconds - waited)
         progress.update(1)
         if state.step % t.logging_steps == 0 or state.step == t.max_steps:
             log_training(run, interval, grad_norm, progress)
@@ -297,21 +300,40 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def summed_token_loss(model, batch) -> torch.Tensor:
     """Sum of the token cross-entropies of a batch (padding, marked -100, excluded)."""
-    logits = model(input_features=batch["input_features"], labels=batch["labels"]).logits
-    return F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=-100, reduction="sum")
+    return token_losses(model, batch).sum()
+
+
+class WaitClock:
+    """The training batches, with the seconds the loop spent waiting for them added up in `seconds`: with
+    DataLoader workers the next batch is ready before it is asked for and the wait stays near zero."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 class Interval:
     """Training figures summed since the last log line; tensors stay on the device until logged."""
 
     def __init__(self):
-        self.loss_sum, self.tokens, self.samples, self.audio_s, self.seconds = 0.0, 0, 0, 0.0, 0.0
+        self.loss_sum, self.tokens, self.samples, self.audio_s, self.seconds, self.data_wait = 0.0, 0, 0, 0.0, 0.0, 0.0
 
-    def add(self, loss_sum, tokens, samples: int, audio_s: float, seconds: float) -> None:
+    def add(self, loss_sum, tokens, samples: int, audio_s: float, seconds: float, data_wait: float) -> None:
         """`seconds` of this step alone: evaluation and saving between steps do not count as training time.
-        (Each step ends with a sync, so wall time is the device's time too.)"""
+        (Each step ends with a sync, so wall time is the device's time too.) `data_wait`: of those, the seconds
+        spent waiting for batches."""
         self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
         self.samples, self.audio_s, self.seconds = self.samples + samples, self.audio_s + audio_s, self.seconds + seconds
+        self.data_wait += data_wait
 
 
 def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
@@ -329,6 +351,7 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
         "train/grad_norm": float(grad_norm),
         "train/samples_per_second": interval.samples * processes / seconds,
         "train/audio_seconds_per_second": interval.audio_s * processes / seconds,
+        "train/data_wait_fraction": interval.data_wait / seconds,
         "train/epoch": state.epoch,
         "train/nonfinite_steps": state.nonfinite_steps,
         "memory/rss_mb": resident_memory_mb(),
@@ -341,7 +364,8 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
         progress.write(
             f"step {state.step}/{run.config.train.max_steps}  loss {values['train/loss']:.4f}  "
             f"lr {values['train/learning_rate']:.3e}  grad_norm {values['train/grad_norm']:.3f}  "
-            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/audio_seconds_per_second']:.1f} audio s/s"
+            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/audio_seconds_per_second']:.1f} audio s/s  "
+            f"data wait {100 * values['train/data_wait_fraction']:.1f}%"
         )
 
 

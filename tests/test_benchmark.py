@@ -92,7 +92,7 @@ def test_memory_estimate_adds_up():
     assert states == pytest.approx(16 * parts["parameters"] / 1e9)
     summed = sum(v for k, v in parts.items() if k not in ("total", "parameters"))
     assert parts["total"] == pytest.approx(summed)
-    assert training_memory_estimate(small, 16, 128, separate_loss=False)["total"] < parts["total"]
+    assert training_memory_estimate(small, 16, 128, separate_loss=True)["total"] > parts["total"]
 
 
 def test_settings_problems_are_listed_together():

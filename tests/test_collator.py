@@ -9,21 +9,9 @@ from loop.collator import SpeechSeq2SeqCollator
 SOT, HI, TRANSCRIBE, NOTIMESTAMPS, EOT = 1, 2, 3, 4, 0
 
 
-class FakeTokenizerPad:
-    """Pads input_ids on the right with EOT and reports an attention mask, as WhisperTokenizer.pad does."""
-
-    def pad(self, encoded, return_tensors="pt"):
-        ids = encoded["input_ids"]
-        width = max(len(row) for row in ids)
-        return {
-            "input_ids": torch.tensor([row + [EOT] * (width - len(row)) for row in ids]),
-            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids]),
-        }
-
-
 @pytest.fixture
 def collator(processor):
-    return SpeechSeq2SeqCollator(processor, processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>"))
+    return SpeechSeq2SeqCollator(processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>"))
 
 
 def row(labels, index=0, frames=1000, value=0.0, duration=1.5):
@@ -57,16 +45,8 @@ def test_start_token_kept_when_not_every_row_has_it(collator, processor):
     assert batch["labels"][1, len(without_start):].tolist() == [-100]
 
 
-def test_exact_tensors_with_a_known_pad():
-    class Processor:
-        tokenizer = FakeTokenizerPad()
-
-        class feature_extractor:
-            @staticmethod
-            def pad(features, return_tensors="pt"):
-                return {"input_features": torch.stack([torch.as_tensor(f) for f in features["input_features"]])}
-
-    collator = SpeechSeq2SeqCollator(Processor(), SOT)
+def test_exact_tensors():
+    collator = SpeechSeq2SeqCollator(SOT)
     rows = [row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, 8, 9, EOT], 5, frames=4, value=1.0, duration=2.0),
             row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, EOT], 9, frames=4, value=2.0, duration=0.5)]
     batch = collator(rows)
@@ -85,3 +65,10 @@ def test_features_stack_in_row_order(collator):
     assert batch["input_features"].dtype == torch.float32
     assert batch["input_features"][0, 0, 0].item() == 0.5
     assert batch["input_features"][1, 79, 999].item() == -0.25
+
+
+def test_rows_of_different_feature_shapes_are_named():
+    collator = SpeechSeq2SeqCollator(SOT)
+    with pytest.raises(ValueError, match=r"rows \[3, 4\] have features of different shapes"):
+        collator([row([SOT, 7, EOT], 3, frames=10), row([SOT, 7, EOT], 4, frames=12)])
+

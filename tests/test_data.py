@@ -326,3 +326,24 @@ def test_prepare_data_script_exits_2_with_every_config_problem(tmp_path):
         "  - train.learning_rate must be > 0, got -1.0",
     ]
     assert not (tmp_path / "data_report.json").exists()
+
+
+def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
+    """`Rows.__getitems__` (one Arrow read per batch, what the DataLoader calls) returns the rows `__getitem__`
+    returns, in the loader's order, and they collate to equal batches."""
+    import torch
+
+    from loop.collator import SpeechSeq2SeqCollator
+    from loop.data import Rows, longest_first
+
+    table = prepared_corpus.test
+    rows = Rows(table, longest_first(table))
+    collator = SpeechSeq2SeqCollator(decoder_start_token_id=1)
+    positions = [4, 0, 7, 2]
+    batched, single = rows.__getitems__(positions), [rows[p] for p in positions]
+    assert [r["index"] for r in batched] == [r["index"] for r in single] == [rows.order[p] for p in positions]
+    one, other = collator(batched), collator(single)
+    assert all(torch.equal(one[key], other[key]) for key in one)
+    first = next(iter(torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collator)))
+    assert first["index"].tolist() == rows.order[:4]
+    assert torch.equal(first["input_features"][1], torch.tensor(table[rows.order[1]]["input_features"]))

@@ -109,7 +109,7 @@ def test_one_decoding_three_paths(evaluated, checkpoint, corpus_dir, session_cac
         processor = load_processor(str(checkpoint), config.model.language, config.model.task)
         best = WhisperForConditionalGeneration.from_pretrained(checkpoint)
         table, _ = build_eval_split(config, processor, best.config.max_target_positions)
-        _, _, test_loader = get_dataloaders(config, PreparedData(table, table, table, "test", {}), processor, best)
+        _, _, test_loader = get_dataloaders(config, PreparedData(table, table, table, "test", {}), best)
         best, test_loader = accelerator.prepare_model(best, evaluation_mode=True), accelerator.prepare(test_loader)
         loop_result = evaluate(best, test_loader, accelerator, processor.tokenizer, table["text"],
                                config.model.language, description="test")
@@ -187,3 +187,38 @@ def test_two_processes_give_the_single_process_result(tmp_path, checkpoint, data
     double = read_predictions_jsonl(tmp_path / "two" / "predictions.jsonl")
     assert [(r["id"], r["hypothesis"]) for r in double] == [(r["id"], r["hypothesis"]) for r in single]
     assert done.stdout.count(" on test (") == 1  # only the main process prints the summary
+
+
+def test_one_encoder_pass_decodes_as_generate_does(checkpoint):
+    """evaluate() runs the encoder once for the loss and generation; passing those encoder outputs to generate
+    gives the ids generate computes from the features itself, greedy and with beam search, and the loss equals
+    the one Whisper computes from labels."""
+    import torch
+
+    from loop.audio import decode_audio
+    from loop.collator import SpeechSeq2SeqCollator
+    from loop.evaluation import generate_ids
+    from loop.loss import token_losses
+    from tests.helpers import corpus_rows
+
+    rows = corpus_rows("test")[:4]
+    for beams in (1, 3):
+        model, processor = load_for_inference(str(checkpoint), num_beams=beams)
+        waveforms = [decode_audio(row["audio_path"]) for row in rows]
+        features = processor.feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            encoder_outputs = model.get_encoder()(features)
+            shared = generate_ids(model, features, encoder_outputs)
+            separate = generate_ids(model, features)
+        assert torch.equal(shared, separate)
+        assert len(set(processor.tokenizer.batch_decode(shared, skip_special_tokens=True))) > 1  # not one empty string
+    start = model.config.decoder_start_token_id
+    batch = SpeechSeq2SeqCollator(start)([
+        {"input_features": f.numpy(), "labels": processor.tokenizer(row["text"]).input_ids, "duration": 1.0, "index": i}
+        for i, (f, row) in enumerate(zip(features, rows))])
+    with torch.no_grad():
+        ours = token_losses(model, batch, encoder_outputs)
+        whisper = model(input_features=batch["input_features"], labels=batch["labels"]).loss
+    mask = batch["labels"].ne(-100)
+    assert torch.allclose(ours.sum() / mask.sum(), whisper, rtol=1e-5)
+    assert (ours[~mask] == 0).all() and (ours[mask] > 0).all()

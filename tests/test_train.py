@@ -75,6 +75,30 @@ def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
     assert losses[160] < losses[1] / 10, (losses[1], losses[160])
     assert results["best_wer"] <= 10.0, results
     assert results["selection_leaks_test"] is True
+    waits = tensorboard_scalars(tmp_path / "out", "train/data_wait_fraction")
+    assert waits.keys() == losses.keys() and all(0 <= w < 1 for w in waits.values())
+
+
+def test_the_wait_for_data_is_measured(monkeypatch):
+    """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow)."""
+    import loop.train
+    from loop.train import WaitClock
+
+    now = [0.0]
+    monkeypatch.setattr(loop.train.time, "perf_counter", lambda: now[0])
+
+    def slow_batches():
+        for number in range(3):
+            now[0] += 0.05  # loading this batch
+            yield number
+
+    clock = WaitClock(slow_batches())
+    for expected in range(3):
+        assert next(clock) == expected
+        now[0] += 0.2  # the step's compute: not waiting
+    assert clock.seconds == pytest.approx(0.15)
+    with pytest.raises(StopIteration):
+        next(clock)
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cache_dir):
@@ -88,7 +112,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cach
                            "--eval.eval_steps=1", "--train.report_to=none", name=f"acc{accumulation}")
         run = setup(config)
         rows = Rows(run.data.train)
-        collate = SpeechSeq2SeqCollator(run.processor, run.model.config.decoder_start_token_id)
+        collate = SpeechSeq2SeqCollator(run.model.config.decoder_start_token_id)
         micro_batches = [collate([rows[i] for i in range(start, start + batch_size)]) for start in range(0, 8, batch_size)]
         if accumulation == 2:
             tokens = [int(b["labels"].ne(-100).sum()) for b in micro_batches]
@@ -240,3 +264,34 @@ def test_two_processes_match_one(tmp_path, fast_model, cache_dir):
     rates = tensorboard_scalars(tmp_path / "two", "train/learning_rate")
     # learning rate after step s: warmup over 2 steps, then linear decay to 0 at step 6
     assert [rates[s] for s in range(1, 7)] == pytest.approx([1.5e-3, 3e-3, 2.25e-3, 1.5e-3, 7.5e-4, 0.0])
+
+
+@pytest.mark.slow  # compiling takes a minute or more on 2 cores: run by hand with -m slow
+def test_torch_compile_option_trains_saves_and_resumes(tmp_path, fast_model, cache_dir):
+    """--train.torch_compile: the compiled model learns as the eager one does, its checkpoints and best/ hold the
+    plain parameter names (loadable without compiling), and a compiled run resumes from them."""
+    from safetensors import safe_open
+    from transformers import WhisperForConditionalGeneration
+
+    common = ("--train.max_steps=6", "--train.save_steps=3", "--eval.eval_steps=6", "--eval.generation_max_length=16")
+    eager = train(small_run(tmp_path, fast_model, cache_dir, *common, name="eager"))
+    config = small_run(tmp_path, fast_model, cache_dir, *common, "--train.torch_compile=true", name="compiled")
+    run = setup(config)
+    assert fit(run, StopAt(run, 3)) == "SIGTERM"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    config.train.resume = True
+    run = setup(config)
+    assert run.state.step == 3
+    assert fit(run) == ""
+    compiled = finish(run)
+    for folder in (tmp_path / "compiled" / "checkpoints" / "step_6", tmp_path / "compiled" / "best"):
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            assert not [k for k in weights.keys() if "_orig_mod" in k], folder
+    WhisperForConditionalGeneration.from_pretrained(tmp_path / "compiled" / "best")
+    eager_losses = tensorboard_scalars(tmp_path / "eager", "train/loss")
+    compiled_losses = tensorboard_scalars(tmp_path / "compiled", "train/loss")
+    assert compiled_losses.keys() == eager_losses.keys()
+    for step, loss in eager_losses.items():
+        assert compiled_losses[step] == pytest.approx(loss, rel=1e-3), step
+    assert compiled["steps"] == eager["steps"] == 6

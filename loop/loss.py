@@ -1,0 +1,25 @@
+"""Token cross-entropy of a batch, shared by the training step and the evaluation loss.
+
+The model is called with decoder inputs rather than `labels`: given labels, Whisper computes a mean loss of its
+own over the whole vocabulary, which the loop would throw away (it needs sums to weight micro-batches and rows
+exactly). No KV cache is built either: the whole target sequence is scored in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+IGNORE_INDEX = -100  # label positions that add nothing to the loss (padding)
+
+
+def token_losses(model, batch: dict, encoder_outputs=None) -> torch.Tensor:
+    """(batch, label_length) cross-entropy of every target token, 0 at padded positions. With `encoder_outputs`
+    (the encoder's output for `batch["input_features"]`) the encoder is not run again."""
+    config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    inputs = {"encoder_outputs": encoder_outputs} if encoder_outputs is not None else {"input_features": batch["input_features"]}
+    logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
