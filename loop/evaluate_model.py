@@ -23,7 +23,13 @@ from loop.config import ConfigError, RunConfig, parse_overrides
 from loop.data import Rows, SplitReport, build_eval_split, longest_first
 from loop.evaluation import EvalResult, evaluate
 from loop.model import load_for_inference
-from loop.report import utterance_rows, write_predictions_jsonl, write_report_html, write_report_md
+from loop.report import (
+    DEFAULT_HTML_AUDIO_MB,
+    utterance_rows,
+    write_predictions_jsonl,
+    write_report_html,
+    write_report_md,
+)
 from loop.sources import DataError
 
 METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "num_utterances", "num_failed")
@@ -174,7 +180,8 @@ def evaluate_model(config: RunConfig, name: str, decode: DecodeOverrides, accele
 
 def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,
                    decode: DecodeOverrides | None = None, batch_size: int | None = None,
-                   mixed_precision: str | None = None, html: bool = False) -> dict:
+                   mixed_precision: str | None = None, html: bool = False,
+                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB) -> dict:
     """Evaluates `model_name` (and `compare`, on the same utterances) and, on the main process, writes
     metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. Returns the metrics."""
     decode = decode or DecodeOverrides()
@@ -186,12 +193,13 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
         second, _ = evaluate_model(config, compare, decode, accelerator, batch_size, same_as=split)
         first.metrics["compare"] = second.metrics
     if accelerator.is_main_process:
-        write_outputs(Path(config.output_dir), first, second, html)
+        write_outputs(Path(config.output_dir), first, second, html, html_audio_mb)
     accelerator.wait_for_everyone()
     return first.metrics
 
 
-def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluation | None, html: bool) -> list[Path]:
+def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluation | None, html: bool,
+                  html_audio_mb: float = DEFAULT_HTML_AUDIO_MB) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "metrics.json"]
     written[0].write_text(json.dumps(first.metrics, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -201,7 +209,8 @@ def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluat
         written.append(write_predictions_jsonl(output_dir / "compare_predictions.jsonl", second.rows))
     written.append(write_report_md(output_dir / "report.md", first.metrics, first.rows, compare_rows))
     if html:
-        written.append(write_report_html(output_dir / "report.html", first.metrics, first.rows, compare_rows))
+        written.append(write_report_html(output_dir / "report.html", first.metrics, first.rows, compare_rows,
+                                         max_audio_mb=html_audio_mb))
     return written
 
 

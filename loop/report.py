@@ -21,6 +21,7 @@ DURATION_BUCKETS = (("< 2 s", 0.0, 2.0), ("2-5 s", 2.0, 5.0), ("5-10 s", 5.0, 10
                     ("20-30 s", 20.0, 30.0), (">= 30 s", 30.0, float("inf")))
 TOP_ERRORS = 15  # rows in each of the substitution, deletion and insertion tables
 TOP_DIFFERENCES = 10  # utterances shown where two models differ most
+DEFAULT_HTML_AUDIO_MB = 50.0  # clips embedded in report.html, in MB of files (base64 makes the page 4/3 of that)
 AUDIO_MIME_TYPES = {".mp3": "audio/mpeg", ".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 SUMMARY_FIELDS = (  # (key in metrics.json, label)
     ("model", "model"),
@@ -233,15 +234,18 @@ def mark_errors(reference: str, hypothesis: str) -> str:
     return " ".join(words)
 
 
+def audio_element_possible(audio_path: str | None) -> bool:
+    """Whether `audio_element` would embed this clip: a file of a type browsers play."""
+    return bool(audio_path) and Path(audio_path).suffix.lower() in AUDIO_MIME_TYPES and Path(audio_path).is_file()
+
+
 def audio_element(audio_path: str | None) -> str:
     """An `<audio controls>` element with the clip embedded as a base64 data: URI; empty when there is no file or
     its type is not one browsers play."""
-    if not audio_path:
+    if not audio_element_possible(audio_path):
         return ""
     path = Path(audio_path)
-    mime = AUDIO_MIME_TYPES.get(path.suffix.lower())
-    if mime is None or not path.is_file():
-        return ""
+    mime = AUDIO_MIME_TYPES[path.suffix.lower()]
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<audio controls preload="metadata" src="data:{mime};base64,{encoded}"></audio>'
 
@@ -264,10 +268,23 @@ def _html_summary(summary: dict) -> str:
     return _html_table(header, body)
 
 
-def _html_utterance_row(row: dict, other: dict | None) -> list[str]:
+def audio_budget(rows: Sequence[dict], max_audio_mb: float) -> set[str]:
+    """Ids of the utterances whose clips fit in `max_audio_mb` of files, the highest WER first (the ones worth
+    listening to); a full test split would otherwise make a page of hundreds of MB."""
+    chosen, used = set(), 0
+    for row in sorted(rows, key=lambda r: -r["wer"]):
+        path = row.get("audio_path")
+        size = Path(path).stat().st_size if audio_element_possible(path) else None
+        if size is not None and used + size <= max_audio_mb * 2**20:
+            chosen.add(row["id"])
+            used += size
+    return chosen
+
+
+def _html_utterance_row(row: dict, other: dict | None, with_audio: bool) -> list[str]:
     cells = [
         f"<td>{html.escape(row['id'])}<br><small>{row['duration']:.1f} s</small></td>",
-        f"<td>{audio_element(row.get('audio_path'))}</td>",
+        f"<td>{audio_element(row.get('audio_path')) if with_audio else ''}</td>",
         f'<td class="text">{html.escape(row["reference"])}</td>',
         f'<td class="text">{mark_errors(row["reference"], row["hypothesis"])}</td>',
         f"<td>{row['wer']:.1f}</td>",
@@ -280,14 +297,18 @@ def _html_utterance_row(row: dict, other: dict | None) -> list[str]:
 
 
 def write_report_html(path: str | Path, summary: dict, predictions: Sequence[dict],
-                      compare: Sequence[dict] | None = None) -> Path:
+                      compare: Sequence[dict] | None = None, max_audio_mb: float = DEFAULT_HTML_AUDIO_MB) -> Path:
     """One self-contained page (inline CSS, audio embedded, no scripts): the summary, and every utterance with its
-    audio, reference and hypothesis, the errors marked; with `compare`, model B's hypothesis beside A's."""
+    reference and hypothesis, the errors marked, and its audio while `max_audio_mb` of clips last (highest WER
+    first); with `compare`, model B's hypothesis beside A's."""
+    with_audio = audio_budget(predictions, max_audio_mb)
+    playable = sum(1 for row in predictions if audio_element_possible(row.get("audio_path")))
     others = {row["id"]: row for row in compare} if compare is not None else None
     header = ["id", "audio", "reference", "hypothesis (A)" if others is not None else "hypothesis", "WER %", "CER %"]
     if others is not None:
         header += ["hypothesis (B)", "WER % (B)"]
-    body = [_html_utterance_row(row, others.get(row["id"]) if others is not None else None) for row in predictions]
+    body = [_html_utterance_row(row, others.get(row["id"]) if others is not None else None, row["id"] in with_audio)
+            for row in predictions]
     if others is not None:
         body = [cells if len(cells) == len(header) else cells + ["<td></td>", "<td></td>"] for cells in body]
     language = html.escape(str(summary.get("decoding", {}).get("language", "")))
@@ -300,6 +321,8 @@ def write_report_html(path: str | Path, summary: dict, predictions: Sequence[dic
 {_html_summary(summary)}
 <p class="legend">Hypothesis marks: <span class="sub" data-ref="reference word">substituted</span>
 <span class="ins">inserted</span> <span class="del">deleted (reference word)</span></p>
+<p class="legend">Audio embedded for {len(with_audio)} of {playable} utterances with a playable clip (highest WER
+first, up to {max_audio_mb:g} MB of clips; scripts/evaluate.py --html_audio_mb changes the limit).</p>
 {_html_table(header, body)}
 </body>
 </html>

@@ -20,6 +20,7 @@ from accelerate import PartialState  # noqa: E402
 from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
 from loop.evaluate_model import DecodeOverrides, run_evaluation, summary_line  # noqa: E402
 from loop.model import ModelLoadError  # noqa: E402
+from loop.report import DEFAULT_HTML_AUDIO_MB  # noqa: E402
 from loop.sources import DataError  # noqa: E402
 
 
@@ -30,7 +31,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     add_common_arguments(parser)
     parser.add_argument("--model", required=True, help="model folder (e.g. runs/NAME/best) or Hub id")
     parser.add_argument("--compare", default=None, help="a second model, evaluated on the same utterances")
-    parser.add_argument("--html", action="store_true", help="also write report.html (embeds every clip's audio)")
+    parser.add_argument("--html", action="store_true", help="also write report.html (errors marked, clips playable)")
+    parser.add_argument("--html_audio_mb", type=float, default=DEFAULT_HTML_AUDIO_MB,
+                        help="MB of clips report.html embeds, the highest-WER utterances first; 0 for none "
+                             "(default: %(default)g)")
     parser.add_argument("--language", default=None, help="decode in this language (default: the model's own)")
     parser.add_argument("--task", default=None, choices=["transcribe", "translate"], help="default: the model's own")
     parser.add_argument("--num_beams", type=int, default=None, help="beam width (default: the model's own)")
@@ -39,6 +43,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                         help="fp16/bf16 need a GPU (default: no, or accelerate launch's setting)")
     args, overrides = parser.parse_known_args(argv)
+    if args.html_audio_mb < 0:
+        parser.error(f"--html_audio_mb must be 0 or more, got {args.html_audio_mb:g}")
     if not args.output_dir:
         parser.error("--output_dir is required: the folder for metrics.json, predictions.jsonl and report.md")
     return args, overrides
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, checked, args.output_dir)
         decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides)
         metrics = run_evaluation(config, args.model, compare=args.compare, decode=decode, batch_size=args.batch_size,
-                                 mixed_precision=args.mixed_precision, html=args.html)
+                                 mixed_precision=args.mixed_precision, html=args.html,
+                                 html_audio_mb=args.html_audio_mb)
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

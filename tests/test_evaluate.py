@@ -85,6 +85,7 @@ def test_compare_writes_both_models(evaluated, tiny_model_dir):
 def test_html_report_embeds_the_audio(evaluated):
     page = (evaluated / "report.html").read_text(encoding="utf-8")
     assert page.count("<audio controls") == SAMPLES and "data:audio/mpeg;base64," in page
+    assert f"Audio embedded for {SAMPLES} of {SAMPLES} utterances" in page  # 8 short clips: within the 50 MB default
     assert "hypothesis (B)" in page
 
 

@@ -143,3 +143,24 @@ def test_report_html_shows_both_hypotheses_when_comparing(tmp_path, rows):
     assert "hypothesis (B)" in page
     body = page.split("<tbody>")[-1]
     assert body.count("<tr>") == 4 and all(line.count("<td") == 8 for line in body.splitlines() if "<tr>" in line)
+
+
+def test_report_html_embeds_audio_up_to_its_budget_worst_first(tmp_path, rows):
+    """A full test split must not make a page of hundreds of MB: clips are embedded while the budget lasts, the
+    highest WER first, and the page says how many."""
+    for number, row in enumerate(rows):
+        clip = tmp_path / f"clip{number}.mp3"
+        clip.write_bytes(bytes(300_000))  # 0.29 MB each
+        row["audio_path"] = str(clip)
+    rows[1]["wer"], rows[3]["wer"] = 90.0, 80.0
+    others = [r for i, r in enumerate(rows) if i not in (1, 3)]
+    assert all(r["wer"] < 80.0 for r in others)
+    page = write_report_html(tmp_path / "r.html", SUMMARY, rows, max_audio_mb=0.6).read_text(encoding="utf-8")
+    assert page.count("<audio controls") == 2
+    body = page.split("<tbody>")[-1].split("<tr>")[1:]
+    with_audio = [line.split("<br>")[0].removeprefix("<td>") for line in body if "<audio controls" in line]
+    assert with_audio == [rows[1]["id"], rows[3]["id"]]  # table order kept; the budget went to the worst two
+    assert f"Audio embedded for 2 of {len(rows)} utterances" in page
+    none = write_report_html(tmp_path / "none.html", SUMMARY, rows, max_audio_mb=0).read_text(encoding="utf-8")
+    assert "<audio controls" not in none and f"Audio embedded for 0 of {len(rows)}" in none
+    assert len(none) < 10_000 < len(page)
