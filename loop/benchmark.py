@@ -701,7 +701,7 @@ def time_loop_training(run, warmup_steps: int, timed_steps: int, batches=None) -
         synchronize()
         seconds = time.perf_counter() - started
     return {"steps": timed_steps, "samples": samples, "seconds": seconds, "samples_per_second": samples / seconds,
-            "audio_seconds_per_second": audio_s / seconds, "label_tokens": widths.mean(), **memory.figures()}
+            "audio_seconds_per_second": float(audio_s) / seconds, "label_tokens": widths.mean(), **memory.figures()}
 
 
 def loop_eval_model(run):

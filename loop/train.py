@@ -294,7 +294,7 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
         accelerator.print(f"step {run.state.step + 1}: non-finite loss or gradient, update skipped")
     run.optimizer.zero_grad(set_to_none=True)
     samples = sum(len(batch["index"]) for batch in micro_batches)
-    audio_s = float(sum(batch["durations"].sum() for batch in micro_batches))
+    audio_s = sum(batch["durations"].sum() for batch in micro_batches)  # on the device: float() here would sync
     return loss_sum, local_tokens, grad_norm, samples, audio_s
 
 
@@ -341,8 +341,8 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
     seconds = max(interval.seconds, 1e-9)
     state.train_seconds += seconds
     state.samples_seen += interval.samples * accelerator.num_processes
-    totals = accelerator.reduce(torch.stack([torch.as_tensor(interval.loss_sum, device=accelerator.device).float(),
-                                             torch.as_tensor(interval.tokens, device=accelerator.device).float()]),
+    sums = [interval.loss_sum, interval.tokens, interval.audio_s]
+    totals = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in sums]),
                                 reduction="sum").tolist()  # CPU-GPU sync point, once per logging interval
     processes = accelerator.num_processes
     values = {
@@ -350,7 +350,7 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
         "train/learning_rate": run.scheduler.get_last_lr()[0],
         "train/grad_norm": float(grad_norm),
         "train/samples_per_second": interval.samples * processes / seconds,
-        "train/audio_seconds_per_second": interval.audio_s * processes / seconds,
+        "train/audio_seconds_per_second": totals[2] / seconds,
         "train/data_wait_fraction": interval.data_wait / seconds,
         "train/epoch": state.epoch,
         "train/nonfinite_steps": state.nonfinite_steps,

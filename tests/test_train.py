@@ -77,6 +77,13 @@ def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
     assert results["selection_leaks_test"] is True
     waits = tensorboard_scalars(tmp_path / "out", "train/data_wait_fraction")
     assert waits.keys() == losses.keys() and all(0 <= w < 1 for w in waits.values())
+    # every step holds all 8 utterances: audio seconds per sample is their mean duration
+    from loop.audio import SAMPLE_RATE, decode_audio
+
+    mean_duration = sum(len(decode_audio(row["audio_path"])) for row in rows) / SAMPLE_RATE / len(rows)
+    audio_rate = tensorboard_scalars(tmp_path / "out", "train/audio_seconds_per_second")[160]
+    sample_rate = tensorboard_scalars(tmp_path / "out", "train/samples_per_second")[160]
+    assert audio_rate / sample_rate == pytest.approx(mean_duration, rel=1e-4)
 
 
 def test_the_wait_for_data_is_measured(monkeypatch):
