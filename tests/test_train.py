@@ -200,6 +200,26 @@ def test_results_json_and_outputs(tmp_path, fast_model, cache_dir):
     assert (out / "data_report.json").is_file() and (out / "config.json").is_file()
 
 
+def test_bf16_autocast_trains_and_evaluates(tmp_path, fast_model, cache_dir):
+    """bf16 (the H100 setting; autocast runs on a CPU too): the loss falls, evaluation decodes from the shared
+    bf16 encoder pass, and the weights stay and are saved in float32."""
+    from safetensors import safe_open
+
+    config = small_run(tmp_path, fast_model, cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=12",
+                       "--train.warmup_steps=2", "--train.logging_steps=1", "--eval.eval_steps=12",
+                       "--train.save_steps=12", "--eval.generation_max_length=16")
+    run = setup(config)
+    assert run.accelerator.mixed_precision == "bf16"
+    assert fit(run) == ""
+    results = finish(run)
+    losses = tensorboard_scalars(tmp_path / "run", "train/loss")
+    assert all(math.isfinite(v) for v in losses.values()) and losses[12] < losses[1]
+    last = results["evaluations"][-1]
+    assert last["num_utterances"] == len(run.data.selection) > 0 and last["num_failed"] == 0 and math.isfinite(last["loss"])
+    with safe_open(str(tmp_path / "run" / "best" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
+
+
 def test_refuses_an_output_dir_with_another_runs_checkpoints(tmp_path, fast_model, cache_dir):
     from loop.config import ConfigError
 
