@@ -234,7 +234,7 @@ def mark_errors(reference: str, hypothesis: str) -> str:
     return " ".join(words)
 
 
-def audio_element_possible(audio_path: str | None) -> bool:
+def is_playable_clip(audio_path: str | None) -> bool:
     """Whether `audio_element` would embed this clip: a file of a type browsers play."""
     return bool(audio_path) and Path(audio_path).suffix.lower() in AUDIO_MIME_TYPES and Path(audio_path).is_file()
 
@@ -242,7 +242,7 @@ def audio_element_possible(audio_path: str | None) -> bool:
 def audio_element(audio_path: str | None) -> str:
     """An `<audio controls>` element with the clip embedded as a base64 data: URI; empty when there is no file or
     its type is not one browsers play."""
-    if not audio_element_possible(audio_path):
+    if not is_playable_clip(audio_path):
         return ""
     path = Path(audio_path)
     mime = AUDIO_MIME_TYPES[path.suffix.lower()]
@@ -274,7 +274,7 @@ def audio_budget(rows: Sequence[dict], max_audio_mb: float) -> set[str]:
     chosen, used = set(), 0
     for row in sorted(rows, key=lambda r: -r["wer"]):
         path = row.get("audio_path")
-        size = Path(path).stat().st_size if audio_element_possible(path) else None
+        size = Path(path).stat().st_size if is_playable_clip(path) else None
         if size is not None and used + size <= max_audio_mb * 2**20:
             chosen.add(row["id"])
             used += size
@@ -302,7 +302,7 @@ def write_report_html(path: str | Path, summary: dict, predictions: Sequence[dic
     reference and hypothesis, the errors marked, and its audio while `max_audio_mb` of clips last (highest WER
     first); with `compare`, model B's hypothesis beside A's."""
     with_audio = audio_budget(predictions, max_audio_mb)
-    playable = sum(1 for row in predictions if audio_element_possible(row.get("audio_path")))
+    playable = sum(1 for row in predictions if is_playable_clip(row.get("audio_path")))
     others = {row["id"]: row for row in compare} if compare is not None else None
     header = ["id", "audio", "reference", "hypothesis (A)" if others is not None else "hypothesis", "WER %", "CER %"]
     if others is not None:
