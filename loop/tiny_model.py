@@ -86,6 +86,7 @@ def build_tiny_whisper(
     heads: int = 4,
     max_target_positions: int = 256,
     seed: int = 0,
+    storage_dtype: str = "float32",
 ) -> Path:
     """Writes model, generation config, feature extractor and tokenizer to `output_dir`; returns the folder.
 
@@ -118,6 +119,7 @@ def build_tiny_whisper(
     model = WhisperForConditionalGeneration(config)
     model.generation_config = whisper_generation_config(tokenizer, max_length=max_target_positions)
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    # float16 halves the file; the loop loads every model in float32 (loop.model), so training is unaffected.
+    model.to(getattr(torch, storage_dtype)).save_pretrained(output_dir)
     WhisperProcessor(feature_extractor, tokenizer).save_pretrained(output_dir)
     return output_dir

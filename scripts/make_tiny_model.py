@@ -25,12 +25,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage_dtype", default="float16", choices=["float16", "float32"],
+                        help="weights as stored (the loop loads them in float32 either way)")
     args = parser.parse_args()
     folder = find_common_voice_dir(args.corpus)
     sentences = [row["text"] for split in args.splits.split(",")
                  for row in read_common_voice_split(folder, split, SkipLog())]
     out = build_tiny_whisper(sentences, args.output, vocab_size=args.vocab_size, chunk_length_s=args.chunk_length,
-                             d_model=args.d_model, layers=args.layers, heads=args.heads, seed=args.seed)
+                             d_model=args.d_model, layers=args.layers, heads=args.heads, seed=args.seed,
+                             storage_dtype=args.storage_dtype)
     print(f"wrote {out} (tokenizer trained on {len(sentences)} sentences)")
 
 
