@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loop.loss import IGNORE_INDEX
+
 
 @dataclass
 class SpeechSeq2SeqCollator:
@@ -32,7 +34,7 @@ class SpeechSeq2SeqCollator:
         # -100 is the index cross-entropy ignores: padded positions add nothing to the loss. Padding is placed by
         # length, not found by token id: the final <|endoftext|> equals the pad id and must stay a target.
         width = max(len(row["labels"]) for row in rows)
-        labels = np.full((len(rows), width), -100, dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
         for i, row in enumerate(rows):
             labels[i, : len(row["labels"])] = row["labels"]
         # The model builds decoder inputs by shifting labels right and prepending <|startoftranscript|> itself;

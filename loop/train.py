@@ -28,7 +28,7 @@ from loop.collator import SpeechSeq2SeqCollator
 from loop.config import ConfigError, RunConfig, flat_hparams, to_dict
 from loop.data import PreparedData, Rows, build_datasets, longest_first
 from loop.evaluation import EvalResult, evaluate
-from loop.loss import token_losses
+from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_model
 from loop.model_card import push_to_hub, write_model_card
 from loop.results import package_versions, write_best_model
@@ -267,7 +267,7 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
     """
     accelerator, model, t = run.accelerator, run.model, run.config.train
     micro_batches = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-    local_tokens = sum(batch["labels"].ne(-100).sum() for batch in micro_batches)
+    local_tokens = sum(batch["labels"].ne(IGNORE_INDEX).sum() for batch in micro_batches)
     step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
     # backward() divides by the accumulation steps and DDP averages over processes; undo both so the gradient
     # is exactly d(sum of token losses / step_tokens).
