@@ -20,6 +20,9 @@ Timed, on each side:
   weights. Ours: `loop.evaluation.evaluate` over the longest-first loader at the larger eval batch. Reference:
   `trainer.predict` with `predict_with_generate` at the blog's eval batch, with the blog's WER `compute_metrics`.
   Both also compute the eval loss, as both recipes do.
+- training with packed rows, utterances/s (ours only, `--packing`, a third process per repeat): the same steps on
+  rows that each join consecutive clips up to the audio window (`data.pack_to_seconds`), against the reference's
+  one utterance per row. Same model, batch of rows and step count; more utterances (and label tokens) per row.
 
 The model is random: left alone it emits timestamp tokens, after which transformers' Whisper `generate` decodes
 further "segments" past `max_length`. The benchmark model's generation config suppresses timestamp tokens, so both
@@ -85,6 +88,7 @@ REFERENCE_MEMORY_GB = 15.8  # what the reference recipe needs to train whisper-s
 H100_DENSE_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense tensor-core peak
 LANGUAGE, TASK = "hindi", "transcribe"
 SIDES = ("loop", "reference")
+PACKED = "packed"  # our training on packed rows: an extra process per repeat, not a side of the comparison
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class BenchSettings:
     """The `test` shape, one repeat: checks that the benchmark runs, measures nothing."""
     fast_paths: bool = False
     """Instead of the comparison, A/B-test candidate fast paths of our side in one process."""
+    packing: bool = True
+    """Also time our training on rows packed to the audio window (utterances/s; one more process per repeat)."""
     output: str = ""
     """JSON file for the results."""
     work_dir: str = ""
@@ -546,6 +552,12 @@ def loop_config(settings: BenchSettings, workspace: Workspace, *overrides: str):
     ], str(workspace.root / "loop-run"))
 
 
+def packed_config(settings: BenchSettings, workspace: Workspace):
+    """Our run configuration with the packed manifest as training data, packed to the shape's audio window."""
+    return loop_config(settings, workspace, f"--data.train_splits={PACKED}",
+                       f"--data.pack_to_seconds={SHAPES[settings.shape].chunk_length_s}")
+
+
 def manifest_rows(workspace: Workspace, split: str):
     """A manifest split as the blog's dataset columns (audio path, sentence), plus the clip id."""
     with open(workspace.manifest_dir / f"{split}.csv", encoding="utf-8") as handle:
@@ -571,6 +583,9 @@ def prepare_workspace(settings: BenchSettings, root: Path) -> Workspace:
     config = loop_config(settings, workspace)
     processor = load_processor(str(workspace.model_dir), LANGUAGE, TASK)
     data = build_datasets(config, processor, SHAPES[settings.shape].max_target_positions)
+    if settings.packing:  # every training clip of the corpus, so the packed rows fill the timed steps
+        write_manifest(workspace.manifest_dir / f"{PACKED}.csv", corpus_clips(("train", "dev")))
+        build_datasets(packed_config(settings, workspace), processor, SHAPES[settings.shape].max_target_positions)
     (root / "clips.json").write_text(json.dumps({"train_mean_duration_s": statistics.fmean(data.train["duration"])}))
     numpy_path = numpy_path_feature_extractor(processor.feature_extractor)
     for split in ("train", "eval"):
@@ -693,15 +708,16 @@ def time_loop_training(run, warmup_steps: int, timed_steps: int, batches=None) -
             optimizer_step(run, batches)
         synchronize()
         widths.widths.clear()
-        samples, audio_s = 0, 0.0
+        samples, utterances, audio_s = 0, 0, 0.0
         started = time.perf_counter()
         for _ in range(timed_steps):
-            _, _, _, step_samples, step_audio_s = optimizer_step(run, batches)
-            samples, audio_s = samples + step_samples, audio_s + step_audio_s
+            _, _, _, step_samples, step_utterances, step_audio_s = optimizer_step(run, batches)
+            samples, utterances, audio_s = samples + step_samples, utterances + step_utterances, audio_s + step_audio_s
         synchronize()
         seconds = time.perf_counter() - started
     return {"steps": timed_steps, "samples": samples, "seconds": seconds, "samples_per_second": samples / seconds,
-            "audio_seconds_per_second": float(audio_s) / seconds, "label_tokens": widths.mean(), **memory.figures()}
+            "utterances_per_second": int(utterances) / seconds, "audio_seconds_per_second": float(audio_s) / seconds,
+            "label_tokens": widths.mean(), **memory.figures()}
 
 
 def loop_eval_model(run):
@@ -812,8 +828,12 @@ def quiet_libraries() -> None:
 
 
 def run_side(side: str, settings: BenchSettings, workspace: Workspace) -> dict:
-    """One side, one repeat, in this (fresh) process: preparation, training, evaluation, in that order."""
+    """One side, one repeat, in this (fresh) process: preparation, training, evaluation, in that order (for
+    `PACKED`: training only)."""
     quiet_libraries()
+    if side == PACKED:
+        run = setup(packed_config(settings, workspace))
+        return {"train": time_loop_training(run, settings.warmup_steps, settings.timed_steps)}
     processor = load_processor(str(workspace.model_dir), LANGUAGE, TASK)
     if side == "reference":
         return {"prep": time_reference_prep(settings, workspace, processor),
@@ -1080,7 +1100,7 @@ def child(task: str, settings: BenchSettings, workspace: Workspace, label: str, 
 def median_figures(runs: list[dict]) -> dict:
     """Median over repeats of every numeric figure, phase by phase."""
     merged: dict[str, dict] = {}
-    for phase in ("prep", "train", "eval"):
+    for phase in runs[0]:
         keys = [k for k, v in runs[0][phase].items() if isinstance(v, (int, float)) and v is not None]
         merged[phase] = {k: statistics.median(r[phase][k] for r in runs) for k in keys}
     return merged
@@ -1098,6 +1118,10 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, workspace: W
         "train_peak_rss": ratio("train", "peak_rss_mb"),
         "eval_peak_rss": ratio("eval", "peak_rss_mb"),
     }
+    packed = median_figures(runs[PACKED]) if runs.get(PACKED) else None
+    if packed:  # utterances, not rows: the reference's rows are one utterance each
+        ratios["train_utterances_per_second_packed"] = (packed["train"]["utterances_per_second"]
+                                                        / reference["train"]["samples_per_second"])
     if "cuda_peak_gb" in ours["train"]:
         ratios["train_cuda_peak_memory"] = ratio("train", "cuda_peak_gb")
         ratios["eval_cuda_peak_memory"] = ratio("eval", "cuda_peak_gb")
@@ -1118,6 +1142,7 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, workspace: W
         "ratios": ratios,
         "loop": ours,
         "reference": reference,
+        **({PACKED: packed} if packed else {}),
         "flops": flops,
         "same_transcripts_fraction": statistics.fmean(agree) if agree else None,
         "raw": runs,
@@ -1145,9 +1170,10 @@ def run_benchmark(settings: BenchSettings) -> dict:
                 **child("fast_paths", settings, workspace, "fast-paths", rounds=max(1, settings.repeats)),
             }}
         else:
-            runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+            processes = SIDES + ((PACKED,) if settings.packing else ())
+            runs: dict[str, list[dict]] = {side: [] for side in processes}
             for repeat in range(settings.repeats):
-                for side in SIDES:
+                for side in processes:
                     began = time.perf_counter()
                     runs[side].append(child("side", settings, workspace, f"{side}-{repeat}", side=side))
                     print(f"  repeat {repeat + 1}/{settings.repeats} {side}: {time.perf_counter() - began:.0f} s", flush=True)
@@ -1200,6 +1226,13 @@ def format_report(report: dict) -> str:
                          f"{f['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved{extra}")
         lines.append(f"{'':34}{'ours':>12}{'reference':>12}{'ratio':>9}")
         lines += [f"{name:34}{a:12.3f}{b:12.3f}{c:8.2f}x" for name, a, b, c in rows]
+        if PACKED in report:
+            packed = report[PACKED]["train"]
+            lines.append(
+                f"{'training, utterances/s, packed rows':34}{packed['utterances_per_second']:12.3f}"
+                f"{ref['train']['samples_per_second']:12.3f}{r['train_utterances_per_second_packed']:8.2f}x"
+                f"   ({packed['samples_per_second']:.3f} rows/s of {packed['utterances_per_second'] / packed['samples_per_second']:.1f} "
+                f"utterances, {packed['label_tokens']:.0f} label tokens; peak RSS {packed['peak_rss_mb']:.0f} MB)")
         lines.append(f"same transcripts on both sides: {100 * report['same_transcripts_fraction']:.0f}%")
     if "fast_paths" in report:
         for group, figures in report["fast_paths"].items():

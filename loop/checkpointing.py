@@ -41,7 +41,9 @@ class LoopState:
     """Optimizer steps skipped because the loss or gradient norm was not finite."""
     consecutive_nonfinite: int = 0
     samples_seen: int = 0
-    """Training samples of all processes, counted at each log line."""
+    """Training samples (rows) of all processes, counted at each log line."""
+    utterances_seen: int = 0
+    """Training utterances of all processes (more than samples when rows are packed), counted at each log line."""
     train_seconds: float = 0.0
     """Time spent in optimizer steps (evaluation and saving excluded), for throughput."""
     evaluations: list[dict] = field(default_factory=list)

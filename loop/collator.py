@@ -15,7 +15,8 @@ class SpeechSeq2SeqCollator:
     """Stacks features and pads labels of prepared rows (see `loop.data.prepare`) into a batch.
 
     Returns `input_features` (batch, n_mels, n_frames) float32, `labels` (batch, max_label_len) int64 with -100 at
-    padded positions, `durations` (batch,) seconds and `index` (batch,) row positions.
+    padded positions, `durations` (batch,) seconds, `utterances` (batch,) utterances per row (more than 1 in
+    packed training rows) and `index` (batch,) row positions.
 
     Every prepared row already holds the model's whole window of features, so this is one `np.stack` and one
     label array filled in place: no per-row conversion through the feature extractor or tokenizer.
@@ -45,5 +46,6 @@ class SpeechSeq2SeqCollator:
             "input_features": features,
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
             "durations": torch.tensor([float(row["duration"]) for row in rows], dtype=torch.float32),
+            "utterances": torch.tensor([int(row.get("utterances", 1)) for row in rows], dtype=torch.long),
             "index": torch.tensor([int(row["index"]) for row in rows], dtype=torch.long),
         }

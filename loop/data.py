@@ -25,7 +25,7 @@ from loop.config import RunConfig
 from loop.features import log_mel_features
 from loop.sources import DataError, SkipLog, load_utterances
 
-PREP_VERSION = 2  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 3  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 
@@ -38,14 +38,18 @@ class SplitReport:
     read: int = 0
     kept: int = 0
     skips: SkipLog = field(default_factory=SkipLog)
+    windows: int = 0
+    """Rows the kept utterances were packed into (0: not packed, one row per utterance)."""
 
     def as_dict(self) -> dict:
-        return {"read": self.read, "kept": self.kept, **self.skips.as_dict()}
+        return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
+                **self.skips.as_dict()}
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
         examples = [f"\n    {message}" for messages in self.skips.messages.values() for message in messages[:3]]
-        return f"{self.name}: {self.kept} of {self.read} utterances kept; skipped: {skipped}" + "".join(examples)
+        packed = f" (packed into {self.windows} windows)" if self.windows else ""
+        return f"{self.name}: {self.kept} of {self.read} utterances kept{packed}; skipped: {skipped}" + "".join(examples)
 
 
 def prepare(
@@ -58,16 +62,23 @@ def prepare(
     max_label_length: int,
     num_proc: int = 1,
     cache_dir: str | Path = "",
+    pack_to_seconds: float = 0.0,
 ) -> datasets.Dataset:
     """Decodes, extracts features and tokenizes `utterances`; returns only the usable rows.
 
     Columns of the result: `input_features` (n_mels, n_frames) float32, `labels` (token ids, with Whisper's
     prefix `<|startoftranscript|><|lang|><|task|><|notimestamps|>` and `<|endoftext|>`), `duration` (seconds),
-    and `id`, `audio_path`, `text`, `client_id` for reports.
+    `utterances` (how many utterances the row holds), and `id`, `audio_path`, `text`, `client_id` for reports.
+
+    With `pack_to_seconds`, consecutive usable utterances are joined into one row while their audio fits that many
+    seconds and their joined transcript fits `max_label_length` tokens (see `pack_groups`); a packed row's `id`,
+    `audio_path` and `client_id` are its utterances' values joined by " + ".
     """
     n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
     max_duration_s = min(max_duration_s, feature_extractor.chunk_length)
-    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, max_duration_s, max_label_length)
+    pack_to_seconds = min(pack_to_seconds, feature_extractor.chunk_length)
+    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, max_duration_s, max_label_length,
+                               pack_to_seconds)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = datasets.Features(
@@ -75,6 +86,7 @@ def prepare(
             "input_features": datasets.Array2D((n_mels, n_frames), "float32"),
             "labels": datasets.List(datasets.Value("int32")),
             "duration": datasets.Value("float32"),
+            "utterances": datasets.Value("int32"),
             "skip_reason": datasets.Value("string"),
             "skip_message": datasets.Value("string"),
             **{name: datasets.Value("string") for name in KEPT_COLUMNS},
@@ -85,7 +97,7 @@ def prepare(
     prepared = utterances.map(
         _prepare_batch,
         batched=True,
-        batch_size=16,
+        batch_size=64 if pack_to_seconds else 16,  # packing joins utterances within one map batch
         num_proc=num_proc if num_proc > 1 and len(utterances) >= 2 * num_proc else None,
         with_rank=True,
         fn_kwargs={
@@ -94,6 +106,7 @@ def prepare(
             "max_duration_s": max_duration_s,
             "max_label_length": max_label_length,
             "strict": report.skips.strict,
+            "pack_to_seconds": pack_to_seconds,
         },
         remove_columns=[c for c in utterances.column_names if c not in KEPT_COLUMNS],
         features=features,
@@ -102,17 +115,21 @@ def prepare(
         new_fingerprint=fingerprint,
         desc=f"preparing {report.name}",
     )
-    reasons = prepared["skip_reason"]
+    reasons, counts = prepared["skip_reason"], prepared["utterances"]
     bad = [i for i, reason in enumerate(reasons) if reason]
     for index, message in zip(bad, prepared.select(bad)["skip_message"]):
         report.skips.add(reasons[index], message)
-    report.read += len(prepared)
-    report.kept = len(prepared) - len(bad)
-    return prepared.select([i for i, reason in enumerate(reasons) if not reason])
+    report.read += sum(counts)
+    report.kept = sum(counts) - len(bad)  # a skipped row is one utterance
+    kept = [i for i, reason in enumerate(reasons) if not reason]
+    report.windows = len(kept) if pack_to_seconds else 0
+    return prepared.select(kept)
 
 
-def _prepare_batch(batch, rank, feature_extractor, tokenizer, max_duration_s, max_label_length, strict) -> dict:
-    """Batched map function: one pass over up to 16 rows; bad rows get a `skip_reason` and zero features."""
+def _prepare_batch(batch, rank, feature_extractor, tokenizer, max_duration_s, max_label_length, strict,
+                   pack_to_seconds=0.0) -> dict:
+    """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and zero features. With
+    `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was."""
     if rank is not None:
         # A forked worker must not use the OpenMP pool it inherited from a parent that already ran torch ops:
         # GNU OpenMP is not fork-safe and the STFT would hang. The workers are the parallelism here.
@@ -147,24 +164,57 @@ def _prepare_batch(batch, rank, feature_extractor, tokenizer, max_duration_s, ma
         first = next(i for i in range(size) if reasons[i])
         raise DataError(f"{messages[first]} [{reasons[first]}] (data.strict is on; turn it off to skip and count bad rows)")
     good = [i for i in range(size) if not reasons[i]]
+    # Output rows, in input order: a group of one or more usable rows (joined when packing), or one bad row.
+    groups = pack_groups(good, [0.0 if w is None else len(w) / SAMPLE_RATE for w in waveforms], texts, tokenizer,
+                         pack_to_seconds, max_label_length) if pack_to_seconds else [[i] for i in good]
+    groups = sorted(groups + [[i] for i in range(size) if reasons[i]])
+    waveforms = [np.concatenate([waveforms[i] for i in group]) if len(group) > 1 else waveforms[group[0]]
+                 for group in groups]
+    joined_texts = [" ".join(texts[i] for i in group) for group in groups]
+    labels = [tokenizer(text).input_ids if len(group) > 1 else labels[group[0]]
+              for group, text in zip(groups, joined_texts)]
+    reasons, messages = [reasons[group[0]] for group in groups], [messages[group[0]] for group in groups]
+    good = [g for g, reason in enumerate(reasons) if not reason]
     n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
-    input_features = np.zeros((size, n_mels, n_frames), dtype=np.float32)
+    input_features = np.zeros((len(groups), n_mels, n_frames), dtype=np.float32)
     if good:
         # One STFT for the whole batch, over the audio only: the feature extractor's values without transforming
         # the silence that pads each clip to the 30-s window (loop/features.py).
-        input_features[good] = log_mel_features([waveforms[i] for i in good], feature_extractor)
+        input_features[good] = log_mel_features([waveforms[g] for g in good], feature_extractor)
     return {
         "input_features": input_features,
         "labels": labels,
         "duration": [0.0 if w is None else len(w) / SAMPLE_RATE for w in waveforms],
+        "utterances": [len(group) for group in groups],
         "skip_reason": reasons,
         "skip_message": messages,
-        **{name: batch[name] for name in KEPT_COLUMNS if name != "text"},
-        "text": texts,
+        **{name: [" + ".join(str(batch[name][i] or "") for i in group) if len(group) > 1 else batch[name][group[0]]
+                  for group in groups] for name in KEPT_COLUMNS if name != "text"},
+        "text": joined_texts,
     }
 
 
-def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, max_duration_s, max_label_length) -> str:
+def pack_groups(rows: list[int], durations: list[float], texts: list[str], tokenizer, pack_to_seconds: float,
+                max_label_length: int) -> list[list[int]]:
+    """Greedy packing of consecutive `rows` (distil-whisper's way of filling Whisper's 30-s window): a group grows
+    while its audio stays within `pack_to_seconds` and its joined transcript within `max_label_length` tokens; a
+    row that fits neither starts the next group. Every row lands in exactly one group, in order."""
+    groups: list[list[int]] = []
+    seconds = 0.0
+    for row in rows:
+        if groups and seconds + durations[row] <= pack_to_seconds:
+            joined = " ".join(texts[i] for i in groups[-1] + [row])
+            if len(tokenizer(joined).input_ids) <= max_label_length:
+                groups[-1].append(row)
+                seconds += durations[row]
+                continue
+        groups.append([row])
+        seconds = durations[row]
+    return groups
+
+
+def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, max_duration_s, max_label_length,
+                 pack_to_seconds) -> str:
     """A hash of everything that decides the prepared data: rows, the clips' sizes and times, and the settings."""
     digest = hashlib.sha256()
     settings = {
@@ -173,6 +223,7 @@ def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, max
         "prefix": tokenizer.prefix_tokens,
         "max_duration_s": max_duration_s,
         "max_label_length": max_label_length,
+        "pack_to_seconds": pack_to_seconds,
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).digest())
@@ -263,7 +314,8 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
     reports = {name: SplitReport(name, skips=skips[name]) for name in skips}
     for name in reports:  # rows skipped while reading count as read
         reports[name].read = sum(skips[name].counts.values())
-    train = prepare(train_rows, fe, tok, reports["train"], **common) if prepare_train else train_rows
+    train = (prepare(train_rows, fe, tok, reports["train"], pack_to_seconds=data.pack_to_seconds, **common)
+             if prepare_train else train_rows)
     if config.eval.select_on == "test":
         # One table and one report: the test split's rows (and its read-time skips) are the selection's.
         test = selection = prepare(test_rows, fe, tok, reports["test"], **common)
@@ -294,7 +346,7 @@ class Rows(torch.utils.data.Dataset):
     """A prepared table as a map-style torch dataset whose rows carry their position (`index`), so evaluation
     can gather predictions from several processes and match them to references exactly once."""
 
-    COLUMNS = ["input_features", "labels", "duration"]
+    COLUMNS = ["input_features", "labels", "duration", "utterances"]
 
     def __init__(self, table: datasets.Dataset, order: list[int] | None = None):
         self.table = table.with_format("numpy", columns=self.COLUMNS)

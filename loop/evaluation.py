@@ -6,11 +6,13 @@ generation config (saved in every model folder), so one checkpoint gives the sam
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.metrics import compute_metrics
@@ -24,13 +26,24 @@ def transcribe(model, input_features: torch.Tensor, tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None) -> torch.Tensor:
+def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cross_attention=None) -> torch.Tensor:
     """Generated token ids (batch, length); language and task are passed explicitly as the Whisper API requires,
     everything else (max_length, num_beams) comes from `model.generation_config`. With `encoder_outputs` (the
-    encoder's output for `input_features`, already computed) the encoder is not run again."""
+    encoder's output for `input_features`, already computed) the encoder is not run again; with `cross_attention`
+    (a cache filled by a decoder pass over the same encoder output) neither are the decoder's projections of it."""
     settings = model.generation_config
-    inputs = {"input_features": input_features} if encoder_outputs is None else {"encoder_outputs": encoder_outputs}
+    # A copy: for beam search generate repeats the encoder output's rows in place, in the object it is given.
+    inputs = ({"input_features": input_features} if encoder_outputs is None
+              else {"encoder_outputs": copy.copy(encoder_outputs)})
+    if cross_attention is not None and shares_cross_attention(settings):
+        inputs["cache"] = EncoderDecoderCache(DynamicCache(), cross_attention)
     return model.generate(**inputs, language=settings.language, task=settings.task, use_cache=True)
+
+
+def shares_cross_attention(settings) -> bool:
+    """Whether generation can start from cross-attention keys and values computed for the batch as it is: not
+    with beams (generate repeats every row per beam) nor with a cache type of the generation config's choosing."""
+    return (settings.num_beams or 1) == 1 and not getattr(settings, "cache_implementation", None)
 
 
 @dataclass
@@ -58,10 +71,14 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
         rows = len(batch["index"])
         try:
             with accelerator.autocast():
-                # One encoder pass serves both the loss and generation.
+                # One encoder pass serves both the loss and generation, and so do the decoder's cross-attention
+                # keys and values of it, which the loss pass leaves in `cache`.
                 encoder_outputs = generator.get_encoder()(batch["input_features"])
-                loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs) if compute_loss else (None, None)
-                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs)
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                loss_sum, tokens = (_per_row_loss(generator, batch, encoder_outputs, cache) if compute_loss
+                                    else (None, None))
+                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs,
+                                         cache.cross_attention_cache if compute_loss else None)
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
             if "out of memory" in str(error).lower():
@@ -101,7 +118,8 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
     return EvalResult(metrics, predictions, time.perf_counter() - started)
 
 
-def _per_row_loss(model, batch, encoder_outputs) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_row_loss(model, batch, encoder_outputs, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy and target-token count per row, so the loss over a split is exact however the
     rows are batched and spread over processes."""
-    return token_losses(model, batch, encoder_outputs).sum(dim=1), batch["labels"].ne(IGNORE_INDEX).sum(dim=1)
+    losses = token_losses(model, batch, encoder_outputs, cache)
+    return losses.sum(dim=1), batch["labels"].ne(IGNORE_INDEX).sum(dim=1)

@@ -210,11 +210,12 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             )
         started, waited = time.perf_counter(), batches.seconds
         try:
-            loss_sum, tokens, grad_norm, samples, audio_s = optimizer_step(run, batches)
+            loss_sum, tokens, grad_norm, samples, utterances, audio_s = optimizer_step(run, batches)
         except torch.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
         state.step += 1
-        interval.add(loss_sum, tokens, samples, audio_s, time.perf_counter() - started, batches.seconds - waited)
+        interval.add(loss_sum, tokens, samples, utterances, audio_s, time.perf_counter() - started,
+                     batches.seconds - waited)
         progress.update(1)
         if state.step % t.logging_steps == 0 or state.step == t.max_steps:
             log_training(run, interval, grad_norm, progress)
@@ -257,13 +258,13 @@ def endless_batches(run: Run):
         state.batches_in_epoch = 0
 
 
-def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
     The loss is the mean over all target tokens of the whole step (every micro-batch, every process), so
     batch 8 x 1 and batch 4 x 2 give the same update although their micro-batches hold different token counts.
-    Returns (summed token loss, target tokens, gradient norm, samples, audio seconds) for this process;
-    the tensors stay on the device so logging can sync only every `logging_steps`.
+    Returns (summed token loss, target tokens, gradient norm, samples (rows), utterances, audio seconds) for this
+    process; the tensors stay on the device so logging can sync only every `logging_steps`.
     """
     accelerator, model, t = run.accelerator, run.model, run.config.train
     micro_batches = [next(batches) for _ in range(t.gradient_accumulation_steps)]
@@ -294,8 +295,10 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
         accelerator.print(f"step {run.state.step + 1}: non-finite loss or gradient, update skipped")
     run.optimizer.zero_grad(set_to_none=True)
     samples = sum(len(batch["index"]) for batch in micro_batches)
-    audio_s = sum(batch["durations"].sum() for batch in micro_batches)  # on the device: float() here would sync
-    return loss_sum, local_tokens, grad_norm, samples, audio_s
+    # On the device: float() here would sync. A packed row holds several utterances.
+    utterances = sum(batch["utterances"].sum() for batch in micro_batches)
+    audio_s = sum(batch["durations"].sum() for batch in micro_batches)
+    return loss_sum, local_tokens, grad_norm, samples, utterances, audio_s
 
 
 def summed_token_loss(model, batch) -> torch.Tensor:
@@ -326,31 +329,34 @@ class Interval:
 
     def __init__(self):
         self.loss_sum, self.tokens, self.samples, self.audio_s, self.seconds, self.data_wait = 0.0, 0, 0, 0.0, 0.0, 0.0
+        self.utterances = 0
 
-    def add(self, loss_sum, tokens, samples: int, audio_s: float, seconds: float, data_wait: float) -> None:
+    def add(self, loss_sum, tokens, samples: int, utterances, audio_s, seconds: float, data_wait: float) -> None:
         """`seconds` of this step alone: evaluation and saving between steps do not count as training time.
         (Each step ends with a sync, so wall time is the device's time too.) `data_wait`: of those, the seconds
         spent waiting for batches."""
         self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
         self.samples, self.audio_s, self.seconds = self.samples + samples, self.audio_s + audio_s, self.seconds + seconds
-        self.data_wait += data_wait
+        self.utterances, self.data_wait = self.utterances + utterances, self.data_wait + data_wait
 
 
 def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
     accelerator, state = run.accelerator, run.state
     seconds = max(interval.seconds, 1e-9)
     state.train_seconds += seconds
-    state.samples_seen += interval.samples * accelerator.num_processes
-    sums = [interval.loss_sum, interval.tokens, interval.audio_s]
+    sums = [interval.loss_sum, interval.tokens, interval.audio_s, interval.utterances]
     totals = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in sums]),
                                 reduction="sum").tolist()  # CPU-GPU sync point, once per logging interval
     processes = accelerator.num_processes
+    state.samples_seen += interval.samples * processes
+    state.utterances_seen += round(totals[3])
     values = {
         "train/loss": totals[0] / max(totals[1], 1),
         "train/learning_rate": run.scheduler.get_last_lr()[0],
         "train/grad_norm": float(grad_norm),
         "train/samples_per_second": interval.samples * processes / seconds,
         "train/audio_seconds_per_second": totals[2] / seconds,
+        "train/utterances_per_second": totals[3] / seconds,  # above samples/s when rows are packed
         "train/data_wait_fraction": interval.data_wait / seconds,
         "train/epoch": state.epoch,
         "train/nonfinite_steps": state.nonfinite_steps,
@@ -364,7 +370,8 @@ def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
         progress.write(
             f"step {state.step}/{run.config.train.max_steps}  loss {values['train/loss']:.4f}  "
             f"lr {values['train/learning_rate']:.3e}  grad_norm {values['train/grad_norm']:.3f}  "
-            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/audio_seconds_per_second']:.1f} audio s/s  "
+            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/utterances_per_second']:.1f} utt/s  "
+            f"{values['train/audio_seconds_per_second']:.1f} audio s/s  "
             f"data wait {100 * values['train/data_wait_fraction']:.1f}%"
         )
 
@@ -462,6 +469,7 @@ def finish(run: Run) -> dict:
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_steps,
         "train_samples_per_second": state.samples_seen / state.train_seconds if state.train_seconds else None,
+        "train_utterances_per_second": state.utterances_seen / state.train_seconds if state.train_seconds else None,
         "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,

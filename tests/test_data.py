@@ -347,3 +347,71 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     first = next(iter(torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collator)))
     assert first["index"].tolist() == rows.order[:4]
     assert torch.equal(first["input_features"][1], torch.tensor(table[rows.order[1]]["input_features"]))
+
+
+# --- packing consecutive utterances into one window ----------------------------------------------------------
+
+def test_packing_joins_consecutive_utterances_within_the_window(small_utterances, processor, tmp_path):
+    """Every usable utterance lands in exactly one packed row, in order; a row's audio is its utterances' audio
+    end to end within the window, its labels are its joined transcript's, and the next utterance did not fit."""
+    from loop.audio import decode_audio
+    from loop.features import log_mel_features
+
+    fe, tokenizer = processor.feature_extractor, processor.tokenizer
+    single, _ = prepare_small(small_utterances, processor, tmp_path)
+    packed, report = prepare_small(small_utterances, processor, tmp_path, pack_to_seconds=5.0)
+    assert set(single["utterances"]) == {1}
+    counts = packed["utterances"]
+    assert sum(counts) == report.kept == report.read == len(single) == 16
+    assert report.windows == len(packed) < 16 and max(counts) >= 2
+    assert report.summary().startswith(f"test: 16 of 16 utterances kept (packed into {len(packed)} windows)")
+    assert report.as_dict()["windows"] == len(packed)
+    groups, start = [], 0
+    for count in counts:
+        groups.append(list(range(start, start + count)))
+        start += count
+    durations, texts, ids = single["duration"], single["text"], single["id"]
+    for row, group in zip(packed, groups):
+        assert row["text"] == " ".join(texts[i] for i in group)
+        assert row["id"] == " + ".join(ids[i] for i in group)
+        assert row["labels"] == tokenizer(row["text"]).input_ids
+        assert row["duration"] == pytest.approx(sum(durations[i] for i in group), abs=1e-4) and row["duration"] <= 5.0
+    for group, following in zip(groups, groups[1:]):  # greedy: the next utterance would have overfilled the window
+        assert sum(durations[i] for i in group) + durations[following[0]] > 5.0
+    pair = next(g for g in groups if len(g) >= 2)
+    audio = np.concatenate([decode_audio(small_utterances[i]["audio_path"]) for i in pair])
+    row = packed.with_format("numpy")[groups.index(pair)]
+    np.testing.assert_allclose(row["input_features"], log_mel_features([audio], fe)[0], atol=1e-5)
+
+
+def test_packing_respects_the_label_limit():
+    """A group stops growing when its joined transcript would exceed the label limit, however short the audio."""
+    from loop.data import pack_groups
+
+    class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>
+        def __call__(self, text):
+            return type("Encoded", (), {"input_ids": [0, *text.split(), 0]})
+
+    texts = ["a b", "c", "d e f", "g", "h i"]
+    groups = pack_groups([0, 1, 2, 3, 4], [1.0] * 5, texts, WordTokenizer(), 30.0, max_label_length=6)
+    assert groups == [[0, 1], [2, 3], [4]]
+    assert pack_groups([0, 2, 4], [10.0, 1.0, 25.0, 1.0, 4.0], texts, WordTokenizer(), 30.0, 100) == [[0], [2, 4]]
+
+
+def test_bad_rows_are_counted_and_never_packed(broken_corpus, processor, max_target_positions, tmp_path):
+    report = SplitReport("train", skips=SkipLog())
+    utterances = load_utterances(DataConfig(path=str(broken_corpus.path)), "train", report.skips)
+    report.read = sum(report.skips.counts.values())
+    packed = prepare(utterances, processor.feature_extractor, processor.tokenizer, report, max_duration_s=30,
+                     max_label_length=max_target_positions, cache_dir=tmp_path, pack_to_seconds=5.0)
+    assert dict(report.skips.counts) == broken_corpus.skips
+    assert sum(packed["utterances"]) == report.kept == broken_corpus.good == 12 and len(packed) < 12
+    assert report.read == broken_corpus.total == 22
+    assert not {"missing", "zero", "garbage", "long", "blank", "wordy"} & set(" + ".join(packed["id"]).split(" + "))
+
+
+def test_only_the_training_rows_are_packed(processor, max_target_positions, tmp_path):
+    data = build_datasets(quickstart(tmp_path, "--data.pack_to_seconds=5"), processor, max_target_positions)
+    assert sum(data.train["utterances"]) == data.reports["train"].kept > data.reports["train"].windows == len(data.train)
+    assert set(data.selection["utterances"]) == set(data.test["utterances"]) == {1}
+    assert len(data.test) == 30 and not data.reports["test"].windows

@@ -191,35 +191,40 @@ def test_two_processes_give_the_single_process_result(tmp_path, checkpoint, data
 
 
 def test_one_encoder_pass_decodes_as_generate_does(checkpoint):
-    """evaluate() runs the encoder once for the loss and generation; passing those encoder outputs to generate
-    gives the ids generate computes from the features itself, greedy and with beam search, and the loss equals
-    the one Whisper computes from labels."""
+    """evaluate() runs the encoder once for the loss and generation, and generation reuses the cross-attention keys
+    and values the loss pass computed; either way generate gives the ids it computes from the features itself,
+    greedy and with beam search, and the loss equals the one Whisper computes from labels."""
     import torch
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from loop.audio import decode_audio
     from loop.collator import SpeechSeq2SeqCollator
-    from loop.evaluation import generate_ids
+    from loop.evaluation import generate_ids, shares_cross_attention
     from loop.loss import token_losses
     from tests.helpers import corpus_rows
 
     rows = corpus_rows("test")[:4]
     for beams in (1, 3):
         model, processor = load_for_inference(str(checkpoint), num_beams=beams)
+        assert shares_cross_attention(model.generation_config) == (beams == 1)
         waveforms = [decode_audio(row["audio_path"]) for row in rows]
         features = processor.feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt").input_features
+        batch = SpeechSeq2SeqCollator(model.config.decoder_start_token_id)([
+            {"input_features": f.numpy(), "labels": processor.tokenizer(row["text"]).input_ids, "duration": 1.0,
+             "index": i} for i, (f, row) in enumerate(zip(features, rows))])
         with torch.no_grad():
             encoder_outputs = model.get_encoder()(features)
             shared = generate_ids(model, features, encoder_outputs)
+            assert encoder_outputs.last_hidden_state.shape[0] == len(rows)  # beams did not repeat rows in place
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            ours = token_losses(model, batch, encoder_outputs, cache)
+            assert cache.cross_attention_cache.get_seq_length() == features.shape[-1] // 2  # the encoder positions
+            reused = generate_ids(model, features, encoder_outputs, cache.cross_attention_cache)
             separate = generate_ids(model, features)
-        assert torch.equal(shared, separate)
+            whisper = model(input_features=batch["input_features"], labels=batch["labels"]).loss
+        assert torch.equal(shared, separate) and torch.equal(reused, separate)
         assert len(set(processor.tokenizer.batch_decode(shared, skip_special_tokens=True))) > 1  # not one empty string
-    start = model.config.decoder_start_token_id
-    batch = SpeechSeq2SeqCollator(start)([
-        {"input_features": f.numpy(), "labels": processor.tokenizer(row["text"]).input_ids, "duration": 1.0, "index": i}
-        for i, (f, row) in enumerate(zip(features, rows))])
-    with torch.no_grad():
-        ours = token_losses(model, batch, encoder_outputs)
-        whisper = model(input_features=batch["input_features"], labels=batch["labels"]).loss
-    mask = batch["labels"].ne(-100)
-    assert torch.allclose(ours.sum() / mask.sum(), whisper, rtol=1e-5)
-    assert (ours[~mask] == 0).all() and (ours[mask] > 0).all()
+        mask = batch["labels"].ne(-100)
+        torch.testing.assert_close(ours, token_losses(model, batch, encoder_outputs), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(ours.sum() / mask.sum(), whisper, rtol=1e-5)
+        assert (ours[~mask] == 0).all() and (ours[mask] > 0).all()

@@ -166,11 +166,11 @@ def test_a_failing_evaluation_batch_costs_only_its_rows(tmp_path, fast_model, ca
     real_generate = loop.evaluation.generate_ids
     calls = {"n": 0}
 
-    def first_batch_fails(model, features, encoder_outputs=None):
+    def first_batch_fails(model, features, *shared):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated decoding failure")
-        return real_generate(model, features, encoder_outputs)
+        return real_generate(model, features, *shared)
 
     monkeypatch.setattr(loop.evaluation, "generate_ids", first_batch_fails)
     config = in_process_config(tmp_path, fast_model, cache_dir, "--train.max_steps=2", "--eval.eval_steps=2",

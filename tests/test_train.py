@@ -86,6 +86,34 @@ def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
     assert audio_rate / sample_rate == pytest.approx(mean_duration, rel=1e-4)
 
 
+def test_packed_rows_train_and_count_their_utterances(tmp_path, fast_model, cache_dir):
+    """With data.pack_to_seconds, 16 utterances train as fewer rows; every step (one batch of all rows) counts
+    16 utterances, the loss falls, and the unpacked utterances are decoded one by one at the end."""
+    rows = corpus_rows("train")[:16]
+    write_manifest(tmp_path / "m" / "train.csv", rows)
+    config = run_config(
+        tmp_path / "out", fast_model, cache_dir,
+        "--data.source=manifest", f"--data.path={tmp_path / 'm'}", "--data.train_splits=train",
+        "--data.eval_split=train", "--eval.select_on=test", "--data.pack_to_seconds=5",
+        "--train.per_device_train_batch_size=64", "--train.learning_rate=3e-3", "--train.warmup_steps=5",
+        "--train.max_steps=40", "--eval.eval_steps=40", "--train.save_steps=40", "--eval.generation_max_length=24",
+        "--train.report_to=tensorboard", "--model.dropout=0", "--model.apply_spec_augment=false",
+    )
+    results = train(config)
+    packing = results["data"]["train"]
+    assert packing["kept"] == 16 and 8 <= packing["windows"] < 16
+    utterance_rates = tensorboard_scalars(tmp_path / "out", "train/utterances_per_second")
+    sample_rates = tensorboard_scalars(tmp_path / "out", "train/samples_per_second")
+    assert utterance_rates.keys() == sample_rates.keys() and len(utterance_rates) == 40
+    for step, rate in utterance_rates.items():
+        assert rate / sample_rates[step] == pytest.approx(16 / packing["windows"], rel=1e-4), step
+    assert results["train_utterances_per_second"] / results["train_samples_per_second"] == pytest.approx(
+        16 / packing["windows"], rel=1e-4)
+    losses = tensorboard_scalars(tmp_path / "out", "train/loss")
+    assert losses[40] < losses[1] / 2, (losses[1], losses[40])
+    assert results["test_utterances"] == 16  # evaluation rows are never packed
+
+
 def test_the_wait_for_data_is_measured(monkeypatch):
     """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow)."""
     import loop.train
@@ -132,7 +160,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cach
             return step(*args, **kwargs)
 
         run.optimizer.step = record_then_step
-        loss_sum, tokens, grad_norm, samples, _ = optimizer_step(run, iter(micro_batches))
+        loss_sum, tokens, grad_norm, samples, _, _ = optimizer_step(run, iter(micro_batches))
         seen[accumulation] = (gradients, loss_sum.item(), int(tokens), grad_norm.item(), samples)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
