@@ -1018,17 +1018,19 @@ def eval_loader(run, order: list[int] | None, batch_size: int):
 
 
 def eval_fast_paths(run, settings: BenchSettings, rounds: int) -> dict[str, dict]:
-    """utterances/s (and on a GPU peak memory) of `evaluate` as is, with two encoder passes per batch (one for the
-    loss, one in generate), unsorted, and at the reference's eval batch; plus whether each gave the same
-    transcripts."""
+    """utterances/s (and on a GPU peak memory) of `evaluate` as is, with generate computing the cross-attention
+    keys and values again, with two encoder passes per batch (one for the loss, one in generate), unsorted, and at
+    the reference's eval batch; plus whether each gave the same transcripts."""
     model = loop_eval_model(run)
     selection = run.data.selection
     small_batch = settings.reference_eval_batch_size
     encoder_again = lambda: patched(  # noqa: E731
-        loop.evaluation, "generate_ids", lambda model, features, encoder_outputs=None: generate_ids(model, features))
+        loop.evaluation, "generate_ids", lambda model, features, *shared: generate_ids(model, features))
+    cross_attention_again = lambda: patched(loop.evaluation, "shares_cross_attention", lambda settings: False)  # noqa: E731
     same = contextlib.nullcontext
     variants = {
         "as is (longest first, one encoder pass per batch)": (None, same),
+        "cross-attention keys and values computed again in generate": (None, cross_attention_again),
         "two encoder passes per batch": (None, encoder_again),
         "unsorted": (eval_loader(run, None, settings.eval_batch_size), same),
         f"batch {small_batch}": (eval_loader(run, longest_first(selection), small_batch), same),
