@@ -74,11 +74,12 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
                 # One encoder pass serves both the loss and generation, and so do the decoder's cross-attention
                 # keys and values of it, which the loss pass leaves in `cache`.
                 encoder_outputs = generator.get_encoder()(batch["input_features"])
-                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-                loss_sum, tokens = (_per_row_loss(generator, batch, encoder_outputs, cache) if compute_loss
-                                    else (None, None))
-                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs,
-                                         cache.cross_attention_cache if compute_loss else None)
+                loss_sum, tokens, cross_attention = None, None, None
+                if compute_loss:
+                    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                    loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
+                    cross_attention = cache.cross_attention_cache
+                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs, cross_attention)
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
             if "out of memory" in str(error).lower():
