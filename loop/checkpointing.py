@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from loop.files import replace_dir, write_json_atomic
 
 CHECKPOINT = re.compile(r"^step_(\d+)$")
 STATE_FILE = "loop_state.json"
@@ -95,14 +96,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, confi
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
-        (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        write_json_atomic(staging / "config.json", config)
         # The state file is written last: a folder without it is never taken for a checkpoint.
-        _write_json_atomic(staging / STATE_FILE, state.to_json())
-        _fsync_dir(staging)
-        if final.exists():  # a re-save of the same step (after a resume that stopped at once)
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_dir(final.parent)
+        write_json_atomic(staging / STATE_FILE, state.to_json())
+        # A re-save of the same step (after a resume that stopped at once) replaces the folder whole.
+        replace_dir(staging, final)
         rotate_checkpoints(output_dir, keep=keep, protect_step=state.best_step)
     accelerator.wait_for_everyone()
     return final
@@ -127,21 +125,3 @@ def load_checkpoint(accelerator, checkpoint: Path) -> LoopState:
     """Restores model, optimizer, scheduler, scaler and RNG states and returns the loop's state."""
     accelerator.load_state(str(checkpoint))
     return LoopState.from_json(json.loads((checkpoint / STATE_FILE).read_text()))
-
-
-def _write_json_atomic(path: Path, values: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(values, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename durable: without it a power loss can lose the new name after the old one is gone."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -23,6 +23,7 @@ import torch
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio
 from loop.config import RunConfig
 from loop.features import log_mel_features
+from loop.files import write_json_atomic
 from loop.sources import DataError, SkipLog, load_utterances
 
 PREP_VERSION = 3  # bump when _prepare_batch changes what it writes, so old caches are not reused
@@ -282,6 +283,10 @@ class PreparedData:
     def report_dict(self) -> dict:
         return {name: report.as_dict() for name, report in self.reports.items()}
 
+    def write_report(self, output_dir: str | Path) -> Path:
+        """`<output_dir>/data_report.json`: rows read, kept and skipped by reason, per split."""
+        return write_json_atomic(Path(output_dir) / "data_report.json", self.report_dict())
+
 
 def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_train: bool = True) -> PreparedData:
     """Reads and prepares train (minus the selection slice), selection and test, as the run config says."""
@@ -340,35 +345,3 @@ def build_eval_split(config: RunConfig, processor, max_label_length: int, split:
                     max_duration_s=config.data.max_duration_s, max_label_length=max_label_length,
                     num_proc=config.data.num_proc, cache_dir=config.data.cache_dir)
     return table, report
-
-
-class Rows(torch.utils.data.Dataset):
-    """A prepared table as a map-style torch dataset whose rows carry their position (`index`), so evaluation
-    can gather predictions from several processes and match them to references exactly once."""
-
-    COLUMNS = ["input_features", "labels", "duration", "utterances"]
-
-    def __init__(self, table: datasets.Dataset, order: list[int] | None = None):
-        self.table = table.with_format("numpy", columns=self.COLUMNS)
-        self.order = order if order is not None else list(range(len(table)))
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, position: int) -> dict:
-        index = self.order[position]
-        row = self.table[index]
-        row["index"] = index
-        return row
-
-    def __getitems__(self, positions: list[int]) -> list[dict]:
-        """A whole batch in one Arrow read (the DataLoader calls this instead of `__getitem__` once per row)."""
-        indices = [self.order[position] for position in positions]
-        columns = self.table[indices]
-        return [{**{name: columns[name][i] for name in self.COLUMNS}, "index": index} for i, index in enumerate(indices)]
-
-
-def longest_first(table: datasets.Dataset) -> list[int]:
-    """Row order for generation: longest audio first, so each batch decodes rows of similar length and the
-    first batch shows at once whether the largest one fits in memory."""
-    return [int(i) for i in np.argsort(-np.asarray(table["duration"]), kind="stable")]

@@ -36,20 +36,25 @@ def load_processor(name_or_path: str, language: str | None = None, task: str | N
     return processor
 
 
-def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    """Model in float32 (mixed precision comes from Accelerate) and processor, with the training options applied."""
-    location = model_location(config.name_or_path)
-    overrides = {"dropout": config.dropout, "apply_spec_augment": config.apply_spec_augment,
-                 "mask_time_prob": config.mask_time_prob, "mask_feature_prob": config.mask_feature_prob}
+def load_weights(name_or_path: str, attn_implementation: str = "sdpa", **config_overrides) -> WhisperForConditionalGeneration:
+    """The one `from_pretrained` of a Whisper model: float32 weights (mixed precision comes from Accelerate),
+    `config_overrides` applied to its config (dropout, SpecAugment)."""
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(
-            location, attn_implementation=config.attn_implementation, dtype="float32", **overrides
+        return WhisperForConditionalGeneration.from_pretrained(
+            model_location(name_or_path), attn_implementation=attn_implementation, dtype="float32", **config_overrides
         )
-    except Exception as error:
+    except Exception as error:  # OSError for a missing repo, connection errors offline, a corrupt file, ...
         raise ModelLoadError(
-            f"cannot load a Whisper model from {config.name_or_path!r}: {error} "
+            f"cannot load a Whisper model from {name_or_path!r}: {error} "
             "(check the path or Hub id, and your network or HF_HUB_OFFLINE)"
         ) from error
+
+
+def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Model in float32 (mixed precision comes from Accelerate) and processor, with the training options applied."""
+    model = load_weights(config.name_or_path, config.attn_implementation, dropout=config.dropout,
+                         apply_spec_augment=config.apply_spec_augment, mask_time_prob=config.mask_time_prob,
+                         mask_feature_prob=config.mask_feature_prob)
     processor = load_processor(config.name_or_path, config.language, config.task)
     set_generation_settings(model, config.language, config.task, eval_config)
     model.config.use_cache = False  # the cache only serves generation; training would keep it for nothing
@@ -91,16 +96,7 @@ def load_for_inference(
     """A saved model in eval mode, decoding as its folder says: the generation config saved with every model of
     the loop carries language, task, max_length and num_beams. Arguments that are not None override those; a
     checkpoint that names no language (a Hub base model) gets `fallback_language`."""
-    location = model_location(name_or_path)
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(
-            location, attn_implementation=attn_implementation, dtype="float32"
-        )
-    except Exception as error:
-        raise ModelLoadError(
-            f"cannot load a Whisper model from {name_or_path!r}: {error} "
-            "(check the path or Hub id, and your network or HF_HUB_OFFLINE)"
-        ) from error
+    model = load_weights(name_or_path, attn_implementation)
     settings = model.generation_config
     language = language or getattr(settings, "language", None) or fallback_language
     task = task or getattr(settings, "task", None) or "transcribe"

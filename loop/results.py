@@ -1,14 +1,16 @@
-"""What a run leaves for users: the best model as an ordinary `save_pretrained` folder, and version facts."""
+"""`results.json`: what a finished run reports, assembled in one place from the loop's state, the held-out
+evaluation of `best/` and the run's settings."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
-import shutil
 from pathlib import Path
 
+from loop.files import write_json_atomic
+
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "soundfile", "soxr", "jiwer", "tokenizers")
+RESULTS_FILE = "results.json"
 
 
 def package_versions() -> dict:
@@ -21,25 +23,43 @@ def package_versions() -> dict:
     return versions
 
 
-def write_best_model(accelerator, model, processor, config) -> Path:
-    """Saves model (safetensors), generation config and processor to `<output_dir>/best/`, replacing the previous
-    best only once the new folder is complete. All processes must call it (the state dict may be gathered)."""
-    best = Path(config.output_dir) / "best"
-    staging = Path(config.output_dir) / ".tmp-best"
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
-        try:
-            unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        finally:
-            unwrapped.config.use_cache = False
-        processor.save_pretrained(staging)
-        previous = Path(config.output_dir) / ".old-best"
-        if best.exists():
-            os.replace(best, previous)
-        os.replace(staging, best)
-        shutil.rmtree(previous, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return best
+def build_results(config, state, test_metrics: dict, *, selection_split: str, data_report: dict,
+                  num_processes: int, mixed_precision: str) -> dict:
+    """The contents of results.json. `state` is the loop's `LoopState`, `test_metrics` the held-out split's
+    metrics of `best/`."""
+    t = config.train
+    final = state.evaluations[-1] if state.evaluations else {}
+    return {
+        "initial_wer": state.initial_wer,
+        "best_wer": state.best_wer,
+        "best_step": state.best_step,
+        "final_wer": final.get("wer"),
+        "test_wer": test_metrics["wer"],
+        "test_cer": test_metrics["cer"],
+        "test_normalized_wer": test_metrics["normalized_wer"],
+        "test_normalized_cer": test_metrics["normalized_cer"],
+        "test_utterances": test_metrics["num_utterances"],
+        "test_split": config.data.eval_split,
+        "selection_split": selection_split,
+        "selection_leaks_test": config.eval.select_on == "test",
+        "steps": state.step,
+        "nonfinite_steps": state.nonfinite_steps,
+        "train_samples_per_second": _rate(state.samples_seen, state.train_seconds),
+        "train_utterances_per_second": _rate(state.utterances_seen, state.train_seconds),
+        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * num_processes,
+        "num_processes": num_processes,
+        "mixed_precision": mixed_precision,
+        "seed": t.seed,
+        "model": config.model.name_or_path,
+        "evaluations": state.evaluations,
+        "data": data_report,
+        "versions": package_versions(),
+    }
+
+
+def _rate(count: int, seconds: float) -> float | None:
+    return count / seconds if seconds else None
+
+
+def write_results(output_dir: str | Path, results: dict) -> Path:
+    return write_json_atomic(Path(output_dir) / RESULTS_FILE, results)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -18,23 +16,24 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import WhisperForConditionalGeneration
 
-from loop.checkpointing import LoopState, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from loop.collator import SpeechSeq2SeqCollator
-from loop.config import ConfigError, RunConfig, flat_hparams, to_dict
-from loop.data import PreparedData, Rows, build_datasets, longest_first
+from loop.accelerator import build_accelerator, resolve_mixed_precision
+from loop.best_model import best_dir, write_best_model
+from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loop.config import RunConfig, flat_hparams, to_dict
+from loop.data import PreparedData, build_datasets
 from loop.evaluation import EvalResult, evaluate
+from loop.files import write_json_atomic
+from loop.loaders import eval_dataloader, train_dataloader
 from loop.loss import IGNORE_INDEX, token_losses
-from loop.model import load_model
+from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
-from loop.results import package_versions, write_best_model
-
-TENSORBOARD_PROJECT = "tensorboard"  # logs land in <output_dir>/tensorboard
-
+from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.results import build_results, write_results
+from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 @dataclass
 class Run:
@@ -79,21 +78,9 @@ def train(config: RunConfig) -> dict:
 
 
 def setup(config: RunConfig) -> Run:
-    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or config.train.mixed_precision
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(["train.mixed_precision=fp16 needs a GPU; on CPU use --train.mixed_precision=no (or bf16)"])
-    accelerator = Accelerator(
-        # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=mixed_precision,
-        # Accumulate exactly gradient_accumulation_steps micro-batches, also across epoch ends, so every
-        # optimizer step sees the same amount of data and steps can be counted.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.train.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        # The schedule runs over optimizer steps; by default a prepared scheduler steps once per process.
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    accelerator = build_accelerator(
+        resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
         project_dir=config.output_dir,
     )
@@ -103,7 +90,7 @@ def setup(config: RunConfig) -> Run:
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
         data = build_datasets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
-        write_data_report(config.output_dir, data)
+        data.write_report(config.output_dir)
     train_loader, selection_loader, test_loader = get_dataloaders(config, data, model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -128,48 +115,24 @@ def setup(config: RunConfig) -> Run:
     elif config.train.resume:
         accelerator.print(f"no checkpoint in {config.output_dir}/checkpoints: starting from step 0")
     if config.train.report_to == "tensorboard":
-        accelerator.init_trackers(TENSORBOARD_PROJECT, config=flat_hparams(config))
+        accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(config))
     if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "config.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
         accelerator.print(data.reports["train"].summary())
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
                test_loader, data, state)
 
 
-def prepare_output_dir(config: RunConfig, accelerator: Accelerator) -> None:
-    """Refuses to mix two runs in one folder: another run's checkpoints need --train.resume or
-    --train.overwrite_output_dir."""
-    output_dir = Path(config.output_dir)
-    existing = list_checkpoints(output_dir)
-    if existing and not config.train.resume and not config.train.overwrite_output_dir:
-        raise ConfigError([
-            f"output_dir {output_dir} already holds checkpoints of a run (up to step {existing[-1][0]}): "
-            "pass --train.resume=true to continue it or --train.overwrite_output_dir=true to start afresh"
-        ])
-    if existing and config.train.overwrite_output_dir and accelerator.is_main_process:
-        for stale in ("checkpoints", "best", TENSORBOARD_PROJECT, "results.json"):
-            path = output_dir / stale
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Train (seeded shuffle), selection and test (longest first) loaders over the prepared tables."""
-    collator = SpeechSeq2SeqCollator(model.config.decoder_start_token_id)
-    workers = config.train.dataloader_num_workers
-    common = {"collate_fn": collator, "num_workers": workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": workers > 0}
-    train_loader = DataLoader(
-        Rows(data.train), batch_size=config.train.per_device_train_batch_size, shuffle=True, drop_last=False,
-        # A generator of its own keeps the loader from drawing on the global RNG, which a resume restores.
-        generator=torch.Generator().manual_seed(config.train.seed), **common,
-    )
+    start, workers = model.config.decoder_start_token_id, config.train.dataloader_num_workers
     eval_batch = config.eval.per_device_eval_batch_size
-    selection_loader = DataLoader(Rows(data.selection, longest_first(data.selection)), batch_size=eval_batch, **common)
-    test_loader = DataLoader(Rows(data.test, longest_first(data.test)), batch_size=eval_batch, **common)
-    return train_loader, selection_loader, test_loader
+    return (
+        train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers),
+        eval_dataloader(data.selection, eval_batch, start, workers),
+        eval_dataloader(data.test, eval_batch, start, workers),
+    )
 
 
 def get_lr_scheduler(optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -210,15 +173,14 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             )
         started, waited = time.perf_counter(), batches.seconds
         try:
-            loss_sum, tokens, grad_norm, samples, utterances, audio_s = optimizer_step(run, batches)
+            figures = optimizer_step(run, batches)
         except torch.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
         state.step += 1
-        interval.add(loss_sum, tokens, samples, utterances, audio_s, time.perf_counter() - started,
-                     batches.seconds - waited)
+        interval.add(figures, seconds=time.perf_counter() - started, data_wait=batches.seconds - waited)
         progress.update(1)
         if state.step % t.logging_steps == 0 or state.step == t.max_steps:
-            log_training(run, interval, grad_norm, progress)
+            log_training(accelerator, state, interval, figures.grad_norm, run.scheduler, t.max_steps, progress)
             interval = Interval()
     progress.close()
     return ""
@@ -258,13 +220,13 @@ def endless_batches(run: Run):
         state.batches_in_epoch = 0
 
 
-def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def optimizer_step(run: Run, batches) -> StepFigures:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
     The loss is the mean over all target tokens of the whole step (every micro-batch, every process), so
     batch 8 x 1 and batch 4 x 2 give the same update although their micro-batches hold different token counts.
-    Returns (summed token loss, target tokens, gradient norm, samples (rows), utterances, audio seconds) for this
-    process; the tensors stay on the device so logging can sync only every `logging_steps`.
+    Returns this process's figures of the step; their tensors stay on the device so logging can sync only every
+    `logging_steps`.
     """
     accelerator, model, t = run.accelerator, run.model, run.config.train
     micro_batches = [next(batches) for _ in range(t.gradient_accumulation_steps)]
@@ -276,7 +238,7 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         with accelerator.accumulate(model):
-            token_loss_sum = summed_token_loss(model, batch)
+            token_loss_sum = token_losses(model, batch).sum()
             accelerator.backward(token_loss_sum * scale)
             loss_sum += token_loss_sum.detach().float()
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.
@@ -294,95 +256,15 @@ def optimizer_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch
         run.state.consecutive_nonfinite += 1
         accelerator.print(f"step {run.state.step + 1}: non-finite loss or gradient, update skipped")
     run.optimizer.zero_grad(set_to_none=True)
-    samples = sum(len(batch["index"]) for batch in micro_batches)
-    # On the device: float() here would sync. A packed row holds several utterances.
-    utterances = sum(batch["utterances"].sum() for batch in micro_batches)
-    audio_s = sum(batch["durations"].sum() for batch in micro_batches)
-    return loss_sum, local_tokens, grad_norm, samples, utterances, audio_s
-
-
-def summed_token_loss(model, batch) -> torch.Tensor:
-    """Sum of the token cross-entropies of a batch (padding, marked -100, excluded)."""
-    return token_losses(model, batch).sum()
-
-
-class WaitClock:
-    """The training batches, with the seconds the loop spent waiting for them added up in `seconds`: with
-    DataLoader workers the next batch is ready before it is asked for and the wait stays near zero."""
-
-    def __init__(self, batches):
-        self.batches, self.seconds = batches, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        started = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-
-class Interval:
-    """Training figures summed since the last log line; tensors stay on the device until logged."""
-
-    def __init__(self):
-        self.loss_sum, self.tokens, self.samples, self.audio_s, self.seconds, self.data_wait = 0.0, 0, 0, 0.0, 0.0, 0.0
-        self.utterances = 0
-
-    def add(self, loss_sum, tokens, samples: int, utterances, audio_s, seconds: float, data_wait: float) -> None:
-        """`seconds` of this step alone: evaluation and saving between steps do not count as training time.
-        (Each step ends with a sync, so wall time is the device's time too.) `data_wait`: of those, the seconds
-        spent waiting for batches."""
-        self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
-        self.samples, self.audio_s, self.seconds = self.samples + samples, self.audio_s + audio_s, self.seconds + seconds
-        self.utterances, self.data_wait = self.utterances + utterances, self.data_wait + data_wait
-
-
-def log_training(run: Run, interval: Interval, grad_norm, progress) -> None:
-    accelerator, state = run.accelerator, run.state
-    seconds = max(interval.seconds, 1e-9)
-    state.train_seconds += seconds
-    sums = [interval.loss_sum, interval.tokens, interval.audio_s, interval.utterances]
-    totals = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in sums]),
-                                reduction="sum").tolist()  # CPU-GPU sync point, once per logging interval
-    processes = accelerator.num_processes
-    state.samples_seen += interval.samples * processes
-    state.utterances_seen += round(totals[3])
-    values = {
-        "train/loss": totals[0] / max(totals[1], 1),
-        "train/learning_rate": run.scheduler.get_last_lr()[0],
-        "train/grad_norm": float(grad_norm),
-        "train/samples_per_second": interval.samples * processes / seconds,
-        "train/audio_seconds_per_second": totals[2] / seconds,
-        "train/utterances_per_second": totals[3] / seconds,  # above samples/s when rows are packed
-        "train/data_wait_fraction": interval.data_wait / seconds,
-        "train/epoch": state.epoch,
-        "train/nonfinite_steps": state.nonfinite_steps,
-        "memory/rss_mb": resident_memory_mb(),
-    }
-    if torch.cuda.is_available():
-        values["memory/max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    accelerator.log(values, step=state.step)
-    progress.set_postfix(loss=f"{values['train/loss']:.3f}", lr=f"{values['train/learning_rate']:.2e}")
-    if accelerator.is_main_process:
-        progress.write(
-            f"step {state.step}/{run.config.train.max_steps}  loss {values['train/loss']:.4f}  "
-            f"lr {values['train/learning_rate']:.3e}  grad_norm {values['train/grad_norm']:.3f}  "
-            f"{values['train/samples_per_second']:.1f} samples/s  {values['train/utterances_per_second']:.1f} utt/s  "
-            f"{values['train/audio_seconds_per_second']:.1f} audio s/s  "
-            f"data wait {100 * values['train/data_wait_fraction']:.1f}%"
-        )
-
-
-def resident_memory_mb() -> float:
-    """This process's resident memory now (Linux), for spotting leaks over a long run; 0 where unknown."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return StepFigures(
+        loss_sum=loss_sum,
+        tokens=local_tokens,
+        grad_norm=grad_norm,
+        samples=sum(len(batch["index"]) for batch in micro_batches),
+        # On the device: float() here would sync. A packed row holds several utterances.
+        utterances=sum(batch["utterances"].sum() for batch in micro_batches),
+        audio_seconds=sum(batch["durations"].sum() for batch in micro_batches),
+    )
 
 
 def run_selection_eval(run: Run) -> EvalResult:
@@ -397,7 +279,7 @@ def run_selection_eval(run: Run) -> EvalResult:
     improved = wer < state.best_wer
     if improved:
         state.best_wer, state.best_step = wer, state.step
-        write_best_model(accelerator, run.model, run.processor, config)
+        write_best_model(accelerator, run.model, run.processor, config.output_dir)
     state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds})
     log_evaluation(run, result, improved)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
@@ -444,47 +326,22 @@ def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:
 def finish(run: Run) -> dict:
     """Evaluates the best model once on the held-out split and writes results.json."""
     config, accelerator, state = run.config, run.accelerator, run.state
-    best_dir = Path(config.output_dir) / "best"
-    best = WhisperForConditionalGeneration.from_pretrained(best_dir, attn_implementation=config.model.attn_implementation)
+    best_folder = best_dir(config.output_dir)
+    best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation)
     best = accelerator.prepare_model(best, evaluation_mode=True)
     test = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer, run.data.test["text"],
                     config.model.language, description="test")
     accelerator.log({f"test/{k}": test.metrics[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer")},
                     step=state.step)
-    final = state.evaluations[-1] if state.evaluations else {}
-    t = config.train
-    results = {
-        "initial_wer": state.initial_wer,
-        "best_wer": state.best_wer,
-        "best_step": state.best_step,
-        "final_wer": final.get("wer"),
-        "test_wer": test.metrics["wer"],
-        "test_cer": test.metrics["cer"],
-        "test_normalized_wer": test.metrics["normalized_wer"],
-        "test_normalized_cer": test.metrics["normalized_cer"],
-        "test_utterances": test.metrics["num_utterances"],
-        "test_split": config.data.eval_split,
-        "selection_split": run.data.selection_split,
-        "selection_leaks_test": config.eval.select_on == "test",
-        "steps": state.step,
-        "nonfinite_steps": state.nonfinite_steps,
-        "train_samples_per_second": state.samples_seen / state.train_seconds if state.train_seconds else None,
-        "train_utterances_per_second": state.utterances_seen / state.train_seconds if state.train_seconds else None,
-        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "seed": t.seed,
-        "model": config.model.name_or_path,
-        "evaluations": state.evaluations,
-        "data": run.data.report_dict(),
-        "versions": package_versions(),
-    }
+    results = build_results(config, state, test.metrics, selection_split=run.data.selection_split,
+                            data_report=run.data.report_dict(), num_processes=accelerator.num_processes,
+                            mixed_precision=accelerator.mixed_precision)
     if accelerator.is_main_process:
-        (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-        write_model_card(best_dir, results, config)
+        write_results(config.output_dir, results)
+        write_model_card(best_folder, results, config)
         if config.train.push_to_hub:  # the token comes from `hf auth login` or HF_TOKEN, never from the config
-            uploaded = push_to_hub(best_dir, config.train.hub_model_id)
-            accelerator.print(f"pushed {len(uploaded)} files of {best_dir} to {config.train.hub_model_id}")
+            uploaded = push_to_hub(best_folder, config.train.hub_model_id)
+            accelerator.print(f"pushed {len(uploaded)} files of {best_folder} to {config.train.hub_model_id}")
         accelerator.print(
             f"done: selection WER {state.initial_wer} -> best {state.best_wer:.2f} at step {state.best_step}; "
             f"{config.data.eval_split} WER of best/ {test.metrics['wer']:.2f}"
@@ -492,8 +349,3 @@ def finish(run: Run) -> dict:
         )
     accelerator.end_training()
     return results
-
-
-def write_data_report(output_dir: str, data: PreparedData) -> None:
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "data_report.json").write_text(json.dumps(data.report_dict(), indent=2, ensure_ascii=False))

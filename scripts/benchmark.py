@@ -9,11 +9,8 @@
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from loop.benchmark import BenchSettings, field_docs, run_benchmark  # noqa: E402
+from loop.benchmark import BenchSettings, field_docs, run_benchmark
 
 
 def parse_settings(argv: list[str] | None = None) -> BenchSettings:

@@ -7,12 +7,9 @@ Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for 
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, build_app, launch  # noqa: E402
-from loop.model import ModelLoadError  # noqa: E402
+from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, build_app, launch
+from loop.model import ModelLoadError
 
 
 def main(argv: list[str] | None = None) -> int:

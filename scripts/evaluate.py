@@ -11,17 +11,14 @@ the work and gives the single-process result.
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accelerate import PartialState
 
-from accelerate import PartialState  # noqa: E402
-
-from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
-from loop.evaluate_model import DecodeOverrides, run_evaluation, summary_line  # noqa: E402
-from loop.model import ModelLoadError  # noqa: E402
-from loop.report import DEFAULT_HTML_AUDIO_MB  # noqa: E402
-from loop.sources import DataError  # noqa: E402
+from loop.config import ConfigError, add_common_arguments, load_config
+from loop.standalone_eval import DecodeOverrides, run_evaluation, summary_line
+from loop.model import ModelLoadError
+from loop.report import DEFAULT_HTML_AUDIO_MB
+from loop.sources import DataError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

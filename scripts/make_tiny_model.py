@@ -5,13 +5,9 @@ the test sentences stay unseen) with Whisper's special tokens, and a random-init
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split  # noqa: E402
-from loop.tiny_model import build_tiny_whisper  # noqa: E402
+from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split
+from loop.tiny_model import build_tiny_whisper
 
 
 def main() -> None:

@@ -10,14 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import WhisperConfig
 
-from transformers import WhisperConfig  # noqa: E402
-
-from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
-from loop.data import build_datasets  # noqa: E402
-from loop.model import ModelLoadError, load_processor, model_location  # noqa: E402
-from loop.sources import DataError  # noqa: E402
+from loop.config import ConfigError, add_common_arguments, load_config
+from loop.data import build_datasets
+from loop.model import ModelLoadError, load_processor, model_location
+from loop.sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

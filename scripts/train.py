@@ -6,15 +6,12 @@ Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=v
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from loop.config import ConfigError, add_common_arguments, load_config  # noqa: E402
-from loop.model import ModelLoadError  # noqa: E402
-from loop.model_card import HubUploadError  # noqa: E402
-from loop.sources import DataError  # noqa: E402
-from loop.train import train  # noqa: E402
+from loop.config import ConfigError, add_common_arguments, load_config
+from loop.model import ModelLoadError
+from loop.model_card import HubUploadError
+from loop.sources import DataError
+from loop.train import train
 
 
 def main(argv: list[str] | None = None) -> int:

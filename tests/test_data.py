@@ -334,7 +334,7 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     import torch
 
     from loop.collator import SpeechSeq2SeqCollator
-    from loop.data import Rows, longest_first
+    from loop.loaders import Rows, longest_first
 
     table = prepared_corpus.test
     rows = Rows(table, longest_first(table))

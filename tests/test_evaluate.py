@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from loop.evaluate_model import DecodeOverrides, same_preparation
+from loop.standalone_eval import DecodeOverrides, same_preparation
 from loop.metrics import error_rates
 from loop.model import load_for_inference
 from loop.report import read_predictions_jsonl

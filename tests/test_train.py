@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
 from loop.collator import SpeechSeq2SeqCollator
-from loop.data import Rows
+from loop.loaders import Rows
 from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
 from tests.helpers import PROJECT, build_fast_model, corpus_rows, run_config, tensorboard_scalars, write_manifest
 
@@ -160,8 +160,9 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cach
             return step(*args, **kwargs)
 
         run.optimizer.step = record_then_step
-        loss_sum, tokens, grad_norm, samples, _, _ = optimizer_step(run, iter(micro_batches))
-        seen[accumulation] = (gradients, loss_sum.item(), int(tokens), grad_norm.item(), samples)
+        figures = optimizer_step(run, iter(micro_batches))
+        seen[accumulation] = (gradients, figures.loss_sum.item(), int(figures.tokens), figures.grad_norm.item(),
+                              figures.samples)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     (one, loss_one, tokens_one, norm_one, samples_one), (two, loss_two, tokens_two, norm_two, samples_two) = seen[1], seen[2]

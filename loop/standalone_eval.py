@@ -8,20 +8,18 @@ decides how it decodes, here as in the loop and the demo, unless the command lin
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
-from loop.collator import SpeechSeq2SeqCollator
-from loop.config import ConfigError, RunConfig, parse_overrides
-from loop.data import Rows, SplitReport, build_eval_split, longest_first
+from loop.accelerator import build_accelerator, resolve_mixed_precision
+from loop.config import RunConfig, parse_overrides
+from loop.data import SplitReport, build_eval_split
 from loop.evaluation import EvalResult, evaluate
+from loop.files import write_json_atomic
+from loop.loaders import eval_dataloader
 from loop.model import load_for_inference
 from loop.report import (
     DEFAULT_HTML_AUDIO_MB,
@@ -70,28 +68,10 @@ class ModelEvaluation:
     rows: list[dict]
 
 
-def build_accelerator(mixed_precision: str | None) -> Accelerator:
-    """An Accelerator for inference; `accelerate launch` decides the processes (gloo on CPU when no GPU)."""
-    mixed_precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
-    if mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError([f"--mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}"])
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        raise ConfigError([f"--mixed_precision {mixed_precision} needs a GPU; on CPU use --mixed_precision no"])
-    return Accelerator(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-                       mixed_precision=mixed_precision)
-
-
-def eval_dataloader(table: datasets.Dataset, model, batch_size: int) -> DataLoader:
-    """Longest clips first, as the loop's evaluation loaders."""
-    collator = SpeechSeq2SeqCollator(model.config.decoder_start_token_id)
-    return DataLoader(Rows(table, longest_first(table)), batch_size=batch_size, collate_fn=collator,
-                      pin_memory=torch.cuda.is_available())
-
-
 def decode_once(model, processor, table: datasets.Dataset, accelerator: Accelerator, batch_size: int,
                 description: str) -> EvalResult:
     """Every row of `table` decoded once over all processes by `loop.evaluation.evaluate`."""
-    loader = accelerator.prepare(eval_dataloader(table, model, batch_size))
+    loader = accelerator.prepare(eval_dataloader(table, batch_size, model.config.decoder_start_token_id))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
     return evaluate(prepared, loader, accelerator, processor.tokenizer, table["text"],
                     model.generation_config.language, description=description)
@@ -186,7 +166,7 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. Returns the metrics."""
     decode = decode or DecodeOverrides()
     batch_size = batch_size or config.eval.per_device_eval_batch_size
-    accelerator = build_accelerator(mixed_precision)
+    accelerator = build_accelerator(resolve_mixed_precision(mixed_precision, "--mixed_precision"))
     first, split = evaluate_model(config, model_name, decode, accelerator, batch_size)
     second = None
     if compare:
@@ -202,7 +182,7 @@ def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluat
                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "metrics.json"]
-    written[0].write_text(json.dumps(first.metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(written[0], first.metrics)
     written.append(write_predictions_jsonl(output_dir / "predictions.jsonl", first.rows))
     compare_rows = second.rows if second is not None else None
     if second is not None:

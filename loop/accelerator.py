@@ -1,0 +1,42 @@
+"""The one place an `accelerate.Accelerator` is built, for training and for standalone evaluation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+from loop.config import MIXED_PRECISION, ConfigError
+
+
+def resolve_mixed_precision(requested: str | None, option: str) -> str:
+    """`accelerate launch`'s setting (ACCELERATE_MIXED_PRECISION) wins over the config's; fp16/bf16 need a GPU
+    for fp16 (bf16 autocast runs on CPU too)."""
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or requested or "no"
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError([f"{option} must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}"])
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError([f"{option}=fp16 needs a GPU; on CPU use {option}=no (or bf16)"])
+    return mixed_precision
+
+
+def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: str | None = None,
+                      project_dir: str | None = None) -> Accelerator:
+    """An Accelerator with the loop's settings; `accelerate launch` decides the processes."""
+    return Accelerator(
+        # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=mixed_precision,
+        # Accumulate exactly gradient_accumulation_steps micro-batches, also across epoch ends, so every
+        # optimizer step sees the same amount of data and steps can be counted.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        # The schedule runs over optimizer steps; by default a prepared scheduler steps once per process.
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=log_with,
+        project_dir=project_dir,
+    )
