@@ -7,10 +7,13 @@ Every problem with a configuration is collected and reported in one `ConfigError
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
 import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +178,19 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, whitespace folded: the one text that `--help`, the README
+    and the code share, so help cannot contradict the field it describes."""
+    docs, previous = {}, None
+    for node in ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[previous] = " ".join(str(node.value.value).split())
+            previous = None
+    return docs
 
 
 def resolve_path(path: str) -> Path:

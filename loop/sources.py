@@ -205,6 +205,18 @@ def read_manifest(manifest: Path, audio_column: str, text_column: str, skips: Sk
     return rows
 
 
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """A CSV manifest (audio, sentence, client_id) that `read_manifest` reads back: rows as `read_*` return them
+    (`audio_path`, `text`, `client_id`). Audio paths are written as given (absolute ones stay absolute)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["audio", "sentence", "client_id"])
+        writer.writerows([row["audio_path"], row["text"], row.get("client_id") or ""] for row in rows)
+    return path
+
+
 def _manifest_records(manifest: Path, skips: SkipLog) -> list[tuple[int, dict]]:
     """(line number, record) pairs; lines that are not UTF-8 or not a record are skipped and counted."""
     lines = []

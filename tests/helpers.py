@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from loop.config import load_config
@@ -23,17 +22,6 @@ def build_fast_model(folder: Path) -> Path:
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     return build_tiny_whisper(sentences, folder, vocab_size=600, chunk_length_s=5, d_model=64, layers=2, heads=2,
                               max_target_positions=128, seed=0)
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    """A CSV manifest (audio, sentence, client_id) over shipped clips."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["audio", "sentence", "client_id"])
-        for row in rows:
-            writer.writerow([row["audio_path"], row["text"], row["client_id"]])
-    return path
 
 
 def run_config(output_dir: Path, model_dir: Path, cache_dir: Path, *overrides: str):
