@@ -77,7 +77,12 @@ from loop.evaluation import evaluate, generate_ids
 from loop.features import log_mel_features
 from loop.model import load_model, load_processor
 from loop.results import package_versions
-from loop.sources import SkipLog, find_common_voice_dir, load_utterances, read_common_voice_split
+from loop.sources import (
+    SkipLog,
+    find_common_voice_dir,
+    load_utterances,
+    read_common_voice_split,
+)
 from loop.tiny_model import build_tiny_whisper
 from loop.train import endless_batches, get_dataloaders, optimizer_step, setup
 

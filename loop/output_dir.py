@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from accelerate import Accelerator
 
 from loop.best_model import BEST_DIR
 from loop.checkpointing import list_checkpoints
-from loop.config import ConfigError, RunConfig
+from loop.config import FIXED_ON_RESUME, ConfigError, RunConfig, config_differences
 from loop.results import RESULTS_FILE
 
 TENSORBOARD_DIR = "tensorboard"  # logs land in <output_dir>/tensorboard
@@ -25,8 +26,29 @@ def prepare_output_dir(config: RunConfig, accelerator: Accelerator) -> None:
             f"output_dir {output_dir} already holds checkpoints of a run (up to step {existing[-1][0]}): "
             "pass --train.resume=true to continue it or --train.overwrite_output_dir=true to start afresh"
         ])
+    if existing and config.train.resume:
+        check_resume_config(config, existing[-1][1], accelerator)
     if existing and config.train.overwrite_output_dir and accelerator.is_main_process:
         for stale in ("checkpoints", BEST_DIR, TENSORBOARD_DIR, RESULTS_FILE):
             path = output_dir / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
+
+
+def check_resume_config(config: RunConfig, checkpoint: Path, accelerator: Accelerator) -> None:
+    """Compares the configuration saved in `checkpoint` with the new one. Changes that make the resumed run differ
+    from an uninterrupted one (`FIXED_ON_RESUME`: data, batch, accumulation, seed, model) are refused unless
+    `train.allow_config_change`; the others (learning rate, max_steps, eval and save intervals, ...) are listed
+    and applied from the resumed step on."""
+    saved_file = checkpoint / "config.json"
+    if not saved_file.is_file():
+        return
+    changes = config_differences(json.loads(saved_file.read_text(encoding="utf-8")), config)
+    fixed = [change for change in changes if change[0] in FIXED_ON_RESUME]
+    if fixed and not config.train.allow_config_change:
+        raise ConfigError([
+            f"--train.resume: {option} was {before!r} in {checkpoint.name}, now {after!r}" for option, before, after in fixed
+        ] + ["these change the data or its order, so the resumed run would not continue the saved one: undo them, "
+             "or pass --train.allow_config_change=true to resume anyway"])
+    for option, before, after in changes:
+        accelerator.print(f"resuming with {option} changed: {before!r} in {checkpoint.name} -> {after!r}")

@@ -15,7 +15,8 @@ import datasets
 from accelerate import Accelerator
 
 from loop.accelerator import build_accelerator, resolve_mixed_precision
-from loop.config import RunConfig, parse_overrides
+from loop.config import RunConfig
+from loop.config_loading import parse_overrides
 from loop.data import SplitReport, build_eval_split
 from loop.evaluation import EvalResult, evaluate
 from loop.files import write_json_atomic

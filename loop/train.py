@@ -22,8 +22,14 @@ from tqdm.auto import tqdm
 
 from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.best_model import best_dir, write_best_model
-from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loop.checkpointing import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from loop.config import RunConfig, flat_hparams, to_dict
+from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
 from loop.evaluation import EvalResult, evaluate
 from loop.files import write_json_atomic
@@ -34,6 +40,7 @@ from loop.model_card import push_to_hub, write_model_card
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
+
 
 @dataclass
 class Run:
@@ -85,6 +92,8 @@ def setup(config: RunConfig) -> Run:
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)
+    for warning in config_warnings(config):
+        accelerator.print(f"warning: {warning}")
     prepare_output_dir(config, accelerator)
     model, processor = load_model(config.model, config.eval)
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it

@@ -5,7 +5,7 @@
 
 Decodes with the model folder's saved settings (language, task, max length, beams) unless --language, --task,
 --num_beams (or --eval.generation_max_length) say otherwise. Data options come from --config PRESET and any
---section.key=value (see loop/config.py). `accelerate launch --num_processes N scripts/evaluate.py ...` splits
+--section.key=value (`--help` lists them). `accelerate launch --num_processes N scripts/evaluate.py ...` splits
 the work and gives the single-process result.
 """
 
@@ -14,18 +14,17 @@ import sys
 
 from accelerate import PartialState
 
-from loop.config import ConfigError, add_common_arguments, load_config
-from loop.standalone_eval import DecodeOverrides, run_evaluation, summary_line
+from loop.cli import make_parser, one_line
+from loop.config import ConfigError
+from loop.config_loading import load_config
 from loop.model import ModelLoadError
 from loop.report import DEFAULT_HTML_AUDIO_MB
 from loop.sources import DataError
+from loop.standalone_eval import DecodeOverrides, run_evaluation, summary_line
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    add_common_arguments(parser)
+    parser = make_parser(__doc__, sections=("data", "model", "eval"))
     parser.add_argument("--model", required=True, help="model folder (e.g. runs/NAME/best) or Hub id")
     parser.add_argument("--compare", default=None, help="a second model, evaluated on the same utterances")
     parser.add_argument("--html", action="store_true", help="also write report.html (errors marked, clips playable)")
@@ -45,12 +44,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not args.output_dir:
         parser.error("--output_dir is required: the folder for metrics.json, predictions.jsonl and report.md")
     return args, overrides
-
-
-def one_line(error: Exception) -> str:
-    if isinstance(error, ConfigError):
-        return "invalid configuration: " + "; ".join(error.problems)
-    return " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> int:

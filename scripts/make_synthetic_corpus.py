@@ -62,8 +62,8 @@ class Clip:
     speed: int
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--sentences", type=Path, default=Path("assets/hindi_sentences.txt"),
                         help="UTF-8 text file, one sentence per line")
     parser.add_argument("--output", type=Path, default=Path("assets"), help="folder that receives the release")
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compression-level", type=float, default=0.99,
                         help="libsndfile MP3 compression in [0, 1): 0 is 320 kbps, 0.99 is 32 kbps (the MPEG-1 floor)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing <version-name>/<locale> folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     problems = []
     if args.speakers < 2:
         problems.append(f"--speakers {args.speakers}: need at least 2 (train sentences may have two readers)")
@@ -235,9 +235,9 @@ def print_summary(release: Path, clips: list[Clip], durations: dict[str, float],
               f"{speaker.gender}, {speaker.age}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Speakers, splits and readers from the seed, then the clips, the TSVs and a summary."""
-    args = parse_args()
+    args = parse_args(argv)
     require_espeak()
     rng = random.Random(args.seed)
     sentences = read_sentences(args.sentences)

@@ -10,8 +10,9 @@ from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split
 from loop.tiny_model import build_tiny_whisper
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--corpus", default="assets/cv-corpus-17.0-synthetic", help="Common Voice-layout folder")
     parser.add_argument("--splits", default="train,dev", help="splits whose sentences train the tokenizer")
     parser.add_argument("--output", default="assets/tiny-whisper-hi")
@@ -23,7 +24,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage_dtype", default="float16", choices=["float16", "float32"],
                         help="weights as stored (the loop loads them in float32 either way)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = find_common_voice_dir(args.corpus)
     sentences = [row["text"] for split in args.splits.split(",")
                  for row in read_common_voice_split(folder, split, SkipLog())]

@@ -5,25 +5,22 @@
 Training reuses the cached result. Writes data_report.json (kept and skipped rows by reason) to --output_dir.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from transformers import WhisperConfig
 
-from loop.config import ConfigError, add_common_arguments, load_config
+from loop.cli import make_parser
+from loop.config import ConfigError
+from loop.config_loading import load_config
 from loop.data import build_datasets
 from loop.model import ModelLoadError, load_processor, model_location
 from loop.sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    # No abbreviations: `--output x` must not quietly become --output_dir, it goes to the config as an unknown option.
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    add_common_arguments(parser)
+    parser = make_parser(__doc__, sections=("data", "model"))
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides, args.output_dir)

@@ -1,13 +1,14 @@
 """Fine-tune Whisper: `python scripts/train.py --config quickstart` or
 `accelerate launch --config_file accelerate_config.yaml scripts/train.py --config whisper-small-hi --data.path CV_DIR`.
 
-Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=value` (see loop/config.py).
+Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=value` (`--help` lists them all).
 """
 
-import argparse
 import sys
 
-from loop.config import ConfigError, add_common_arguments, load_config
+from loop.cli import make_parser
+from loop.config import ConfigError
+from loop.config_loading import load_config
 from loop.model import ModelLoadError
 from loop.model_card import HubUploadError
 from loop.sources import DataError
@@ -15,8 +16,7 @@ from loop.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = make_parser(__doc__)
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides, args.output_dir)

@@ -4,6 +4,7 @@ something, and in-process runs of scripts/evaluate.py."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def load_script(name: str):
     """scripts/<name>.py as a module, so tests call its main() in-process (no second interpreter start-up)."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", PROJECT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a script look their module up while it is executed
     spec.loader.exec_module(module)
     return module
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loop.config import load_config
+from loop.config_loading import load_config
 from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split
 from loop.tiny_model import build_tiny_whisper
 

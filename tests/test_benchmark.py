@@ -11,7 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers import (
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
 
 from loop.audio import SAMPLE_RATE, decode_audio
 from loop.benchmark import (

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import typing
+
 import pytest
 
 import loop.model
-from loop.config import ConfigError, RunConfig, from_dict, list_presets, load_config, parse_overrides, to_dict
+from tests.eval_helpers import load_script
+from loop.config import SECTIONS, ConfigError, Range, RunConfig, field_docs, field_types, to_dict
+from loop.config_loading import config_warnings, from_dict, list_presets, load_config, parse_overrides
 
 
 @pytest.fixture
@@ -23,7 +28,7 @@ def test_every_problem_is_reported_at_once(tmp_path, no_model_loading):
     overrides = [
         "--train.learning_rate=-1",
         "--train.per_device_train_batch_size=0",
-        "--eval.eval_steps=5000",  # the preset runs 1000 steps
+        "--model.task=transliterate",
         "--train.learnig_rate=1e-4",
         "--model.language=klingon",
         f"--model.name_or_path={tmp_path / 'no-such-model'}",
@@ -34,7 +39,7 @@ def test_every_problem_is_reported_at_once(tmp_path, no_model_loading):
     assert len(problems) == 6, problems
     assert "train.learning_rate must be > 0, got -1.0" in problems
     assert "train.per_device_train_batch_size must be >= 1, got 0" in problems
-    assert "eval.eval_steps (5000) is larger than train.max_steps (1000): no evaluation would run" in problems
+    assert "model.task must be one of transcribe, translate, got 'transliterate'" in problems
     assert "command line: train.learnig_rate is not an option (did you mean train.learning_rate?)" in problems
     assert "model.language 'klingon' is not a Whisper language" in problems
     assert any(str(tmp_path / "no-such-model") in p and "does not exist" in p for p in problems)
@@ -132,3 +137,113 @@ def test_type_errors_name_the_option_and_value():
         "command line: train.learning_rate: expected a number, got 'fast'",
         "command line: train.seed: expected an integer, got '1.5'",
     ]
+
+
+def test_a_short_smoke_run_of_a_preset_is_allowed():
+    """The first thing users try: a preset cut to a few steps. Warmup longer than the run and evaluation intervals
+    past its end are allowed (the last step always evaluates); the warmup is said as a warning."""
+    config = load_config("quickstart", ["--train.max_steps=20"])
+    assert (config.train.max_steps, config.train.warmup_steps, config.eval.eval_steps) == (20, 50, 100)
+    (warning,) = config_warnings(config)
+    assert "train.warmup_steps (50) is larger than train.max_steps (20)" in warning and "40%" in warning
+    assert config_warnings(load_config("quickstart")) == []
+
+
+def _outside(limit: Range):
+    """A value the range refuses."""
+    if limit.low is not None:
+        return limit.low if limit.low_open else limit.low - 1
+    return limit.high if limit.high_open else limit.high + 1
+
+
+def test_every_choice_and_bound_in_the_types_is_enforced():
+    """Each `Literal` and `Range` field, set to a value its type refuses, is reported by name, all at once."""
+    overrides, expected = [], []
+    for section, cls in SECTIONS.items():
+        for name, kind in field_types(cls).items():
+            metadata = getattr(kind, "__metadata__", ())
+            if getattr(kind, "__origin__", None) is typing.Literal:
+                overrides.append(f"--{section}.{name}=not-a-choice")
+                expected.append(f"{section}.{name} must be one of ")
+            for limit in (m for m in metadata if isinstance(m, Range)):
+                overrides.append(f"--{section}.{name}={_outside(limit)}")
+                expected.append(f"{section}.{name} must be {limit.describe()}, got ")
+    assert len(expected) >= 25  # most fields carry their bounds
+    with pytest.raises(ConfigError) as caught:
+        load_config("quickstart", overrides)
+    for start in expected:
+        assert any(problem.startswith(start) for problem in caught.value.problems), start
+
+
+def test_short_forms_and_options_without_a_section():
+    assert load_config("quickstart", ["--resume"]).train.resume is True  # what users of other tools type
+    with pytest.raises(ConfigError) as caught:
+        load_config("quickstart", ["--max_steps=5", "--learning-rate=1"])
+    assert caught.value.problems == [
+        "command line: unknown option --max_steps (did you mean --train.max_steps?)",
+        "command line: unknown option --learning-rate (options look like --section.key=value)",
+    ]
+
+
+@pytest.mark.parametrize("script, sections", [
+    ("train", ("data", "model", "train", "eval")), ("prepare_data", ("data", "model")),
+    ("evaluate", ("data", "model", "eval")),
+])
+def test_help_lists_every_option_with_its_docstring(script, sections, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for section in sections:
+        for name, doc in field_docs(SECTIONS[section]).items():
+            assert f"--{section}.{name}=" in text, name
+            assert doc[:60] in text, name  # the field's own docstring, not a copy that can drift
+    assert "--data.source=common_voice (one of common_voice, hub, manifest)" in text
+    assert "--train.per_device_train_batch_size" not in text or "train" in sections
+
+
+@pytest.mark.parametrize("script", ["demo", "make_tiny_model", "make_synthetic_corpus", "train"])
+def test_every_script_has_help(script, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main(["--help"])
+    assert exited.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def saved_run(tmp_path, *overrides):
+    """An output folder holding a checkpoint of a quickstart run with `overrides`, its config saved as
+    `save_checkpoint` saves it."""
+    config = load_config("quickstart", list(overrides), str(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps(to_dict(config)), encoding="utf-8")
+    (checkpoint / "loop_state.json").write_text(json.dumps({"step": 5}), encoding="utf-8")
+    return config
+
+
+def test_a_resume_that_would_not_continue_the_saved_run_is_refused(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from loop.output_dir import prepare_output_dir
+    from tests.helpers import reset_accelerate
+
+    saved_run(tmp_path, "--train.per_device_train_batch_size=16")
+    resume = ["--resume", "--train.per_device_train_batch_size=8", "--train.seed=7", "--data.selection_size=20",
+              "--train.learning_rate=1e-3", "--train.max_steps=2000", "--data.num_proc=1"]
+    try:
+        with pytest.raises(ConfigError) as caught:
+            prepare_output_dir(load_config("quickstart", resume, str(tmp_path / "run")), Accelerator(cpu=True))
+        problems = caught.value.problems
+        assert problems[:3] == [
+            "--train.resume: data.selection_size was 40 in step_5, now 20",
+            "--train.resume: train.per_device_train_batch_size was 16 in step_5, now 8",
+            "--train.resume: train.seed was 42 in step_5, now 7",
+        ] and "--train.allow_config_change=true" in problems[3] and len(problems) == 4
+        # Changes that keep the data and its order are applied and listed; with the flag, so are the others.
+        prepare_output_dir(load_config("quickstart", [*resume, "--train.allow_config_change=true"],
+                                       str(tmp_path / "run")), Accelerator(cpu=True))
+        printed = capsys.readouterr().out
+        for line in ("train.learning_rate changed: 0.002 in step_5 -> 0.001", "train.max_steps changed: 1000",
+                     "train.seed changed: 42 in step_5 -> 7", "data.num_proc changed: 2 in step_5 -> 1"):
+            assert f"resuming with {line}" in printed, line
+    finally:
+        reset_accelerate()

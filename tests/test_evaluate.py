@@ -10,11 +10,16 @@ import sys
 
 import pytest
 
-from loop.standalone_eval import DecodeOverrides, same_preparation
 from loop.metrics import error_rates
 from loop.model import load_for_inference
 from loop.report import read_predictions_jsonl
-from tests.eval_helpers import DECODE_MAX_LENGTH, build_decoding_checkpoint, one_torch_thread, run_evaluate_script
+from loop.standalone_eval import DecodeOverrides, same_preparation
+from tests.eval_helpers import (
+    DECODE_MAX_LENGTH,
+    build_decoding_checkpoint,
+    one_torch_thread,
+    run_evaluate_script,
+)
 from tests.helpers import PROJECT, reset_accelerate
 
 SAMPLES = 8
@@ -95,7 +100,7 @@ def test_one_decoding_three_paths(evaluated, checkpoint, corpus_dir, session_cac
     from accelerate import Accelerator
     from transformers import WhisperForConditionalGeneration
 
-    from loop.config import load_config
+    from loop.config_loading import load_config
     from loop.data import PreparedData, build_eval_split
     from loop.demo import Transcriber
     from loop.evaluation import evaluate

@@ -9,7 +9,7 @@ import huggingface_hub
 import pytest
 import yaml
 
-from loop.config import load_config
+from loop.config_loading import load_config
 from loop.model_card import dataset_id, push_to_hub, write_model_card
 from tests.eval_helpers import build_decoding_checkpoint
 

@@ -16,9 +16,15 @@ from safetensors.torch import load_file
 from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
 from loop.collator import SpeechSeq2SeqCollator
 from loop.loaders import Rows
-from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
 from loop.sources import write_manifest
-from tests.helpers import PROJECT, build_fast_model, corpus_rows, run_config, tensorboard_scalars
+from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
+from tests.helpers import (
+    PROJECT,
+    build_fast_model,
+    corpus_rows,
+    run_config,
+    tensorboard_scalars,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,256 @@
+"""A `RunConfig` from its sources, checked: defaults -> YAML preset (`--config NAME_OR_PATH`) -> command-line
+overrides (`--section.key=value`), or a saved `config.json` (checkpoints and results carry one).
+
+Every problem with a configuration is collected and reported in one `ConfigError` before any model or data loads:
+first each field against its own type (`Literal` choices, `Range` bounds: `field_problems`), then the settings
+that depend on each other (`validate`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+
+from loop.config import (
+    HUB_ID,
+    PRESETS_DIR,
+    SECTIONS,
+    ConfigError,
+    Range,
+    RunConfig,
+    field_types,
+    option_names,
+    resolve_path,
+)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """`quickstart` -> loop/presets/quickstart.yaml; anything else is a file path."""
+    packaged = PRESETS_DIR / f"{name_or_path}.yaml"
+    if packaged.exists():
+        return packaged
+    return resolve_path(name_or_path)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _base_type(kind):
+    """`Annotated[int, Range(...)]` -> int; a `Literal` of strings -> str; anything else as it is."""
+    if typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is Literal:
+        return str
+    return kind
+
+
+def _coerce(value, kind, where: str, problems: list[str]):
+    """Converts a YAML or command-line value to the field's type; records a problem if it cannot."""
+    kind = _base_type(kind)
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return None
+        return [str(v) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        problems.append(f"{where}: expected true or false, got {value!r}")
+        return None
+    if kind in (int, float):
+        try:
+            number = kind(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind is int and isinstance(value, float) and not value.is_integer()):
+            problems.append(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            return None
+        return number
+    return "" if value is None else str(value)
+
+
+def _apply(config: RunConfig, values: dict, origin: str, problems: list[str]) -> None:
+    """Applies nested `{section: {key: value}}` values onto `config`, recording unknown keys and bad types."""
+    for section, entries in values.items():
+        if section == "output_dir":
+            config.output_dir = str(entries)
+            continue
+        if section not in SECTIONS:
+            hint = difflib.get_close_matches(section, [*SECTIONS, "output_dir"], n=1)
+            problems.append(f"{origin}: unknown section '{section}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            continue
+        if entries is None:  # `eval:` with every key commented out: YAML reads it as null
+            continue
+        if not isinstance(entries, dict):
+            problems.append(f"{origin}: section '{section}' must be a mapping of key: value")
+            continue
+        target = getattr(config, section)
+        types_ = field_types(type(target))
+        for key, value in entries.items():
+            where = f"{origin}: {section}.{key}"
+            if key not in types_:
+                hint = difflib.get_close_matches(key, list(types_), n=1)
+                problems.append(f"{where} is not an option" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
+                continue
+            coerced = _coerce(value, types_[key], where, problems)
+            if coerced is not None:
+                setattr(target, key, coerced)
+
+
+SHORT_FORMS = {"resume": ("train", "resume")}
+"""Options other tools spell without a section, accepted as they are: `--resume` is `--train.resume=true`."""
+
+
+def parse_overrides(args: list[str]) -> tuple[dict, list[str]]:
+    """`--train.learning_rate=1e-4` or `--train.learning_rate 1e-4` -> nested dict; returns (values, problems)."""
+    values: dict = {}
+    problems: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("--"):
+            problems.append(f"command line: unexpected argument {arg!r} (options look like --train.max_steps=100)")
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if index < len(args) and not args[index].startswith("--"):
+                value = args[index]
+                index += 1
+            else:
+                value = "true"  # a bare flag such as --train.resume
+        section, dot, name = key.partition(".")
+        if not dot:
+            if key == "output_dir":
+                values["output_dir"] = value
+            elif key in SHORT_FORMS:
+                section, name = SHORT_FORMS[key]
+                values.setdefault(section, {})[name] = value
+            else:
+                same_name = [option for option in option_names() if option.endswith(f".{key}")]
+                hint = f"did you mean --{same_name[0]}?" if same_name else "options look like --section.key=value"
+                problems.append(f"command line: unknown option --{key} ({hint})")
+            continue
+        values.setdefault(section, {})[name] = value
+    return values, problems
+
+
+def field_problems(config: RunConfig) -> list[str]:
+    """What each field's type says on its own: a `Literal`'s choices, a `Range`'s bounds."""
+    problems = []
+    for section, cls in SECTIONS.items():
+        values = getattr(config, section)
+        for name, kind in field_types(cls).items():
+            value, option = getattr(values, name), f"{section}.{name}"
+            extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is Annotated else ()
+            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+            if choices and value not in choices:
+                problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+            for limit in (extra for extra in extras if isinstance(extra, Range)):
+                if not limit.allows(value):
+                    problems.append(f"{option} must be {limit.describe()}, got {value}")
+    return problems
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Every problem with the values, before any model or data loads: each field against its type, then the
+    settings that depend on each other."""
+    from transformers.models.whisper.tokenization_whisper import (
+        LANGUAGES,
+        TO_LANGUAGE_CODE,
+    )
+
+    d, m, t = config.data, config.model, config.train
+    problems = field_problems(config)
+    if d.source in ("common_voice", "manifest"):
+        if not d.path:
+            problems.append(f"data.path is required for data.source={d.source}")
+        elif not resolve_path(d.path).exists():
+            problems.append(f"data.path {d.path!r} does not exist")
+    if d.source == "hub" and not d.dataset_name:
+        problems.append("data.dataset_name is required for data.source=hub (e.g. google/fleurs)")
+    if not d.train_splits:
+        problems.append("data.train_splits must name at least one split")
+    language = m.language.lower()
+    if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
+        hint = difflib.get_close_matches(language, list(TO_LANGUAGE_CODE), n=1)
+        problems.append(f"model.language {m.language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    problems += _model_path_problems(m.name_or_path, "model.name_or_path")
+    if t.resume and t.overwrite_output_dir:
+        problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
+    if t.push_to_hub and not t.hub_model_id:
+        problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
+    return problems
+
+
+def config_warnings(config: RunConfig) -> list[str]:
+    """Settings that are allowed but rarely meant, said once at the start of a run."""
+    t = config.train
+    warnings = []
+    if t.warmup_steps > t.max_steps:
+        warnings.append(
+            f"train.warmup_steps ({t.warmup_steps}) is larger than train.max_steps ({t.max_steps}): the learning "
+            f"rate rises for the whole run and reaches {t.max_steps / t.warmup_steps:.0%} of train.learning_rate"
+        )
+    return warnings
+
+
+def _model_path_problems(name_or_path: str, option: str) -> list[str]:
+    """A local path must exist; anything else must look like a Hub id (`org/name`)."""
+    if not name_or_path:
+        return [f"{option} is required"]
+    path = resolve_path(name_or_path)
+    first = Path(name_or_path).parts[0] if Path(name_or_path).parts else ""
+    looks_local = name_or_path.startswith((".", "/", "~")) or (first and resolve_path(first).is_dir())
+    if path.exists():
+        return [] if (path / "config.json").exists() else [f"{option} {name_or_path!r} has no config.json: not a saved model folder"]
+    if looks_local or not HUB_ID.match(name_or_path):
+        return [f"{option} {name_or_path!r} does not exist (neither a local folder nor a Hub id like openai/whisper-small)"]
+    return []
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None, output_dir: str | None = None) -> RunConfig:
+    """Defaults -> preset -> overrides, validated; raises ConfigError listing every problem."""
+    config = RunConfig()
+    problems: list[str] = []
+    if preset:
+        path = preset_path(preset)
+        if not path.exists():
+            problems.append(f"--config {preset!r}: no such preset or file (presets: {', '.join(list_presets())})")
+        else:
+            try:
+                values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError([f"{path}: not valid YAML: {error}"]) from error
+            if not isinstance(values, dict):
+                problems.append(f"{path}: a preset must be a mapping of sections")
+            else:
+                _apply(config, values, str(path.name), problems)
+    values, parse_problems = parse_overrides(overrides or [])
+    problems += parse_problems
+    _apply(config, values, "command line", problems)
+    if output_dir:
+        config.output_dir = output_dir
+    problems += validate(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def from_dict(values: dict) -> RunConfig:
+    """Rebuilds a saved configuration (checkpoints and results carry one)."""
+    config = RunConfig()
+    problems: list[str] = []
+    _apply(config, values, "saved config", problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
