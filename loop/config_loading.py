@@ -144,33 +144,29 @@ def parse_overrides(args: list[str]) -> tuple[dict, list[str]]:
     return values, problems
 
 
-def field_problems(config: RunConfig) -> list[str]:
-    """What each field's type says on its own: a `Literal`'s choices, a `Range`'s bounds."""
+def field_problems(config: RunConfig, section: str) -> list[str]:
+    """What each field of `section` says on its own in its type: a `Literal`'s choices, a `Range`'s bounds."""
     problems = []
-    for section, cls in SECTIONS.items():
-        values = getattr(config, section)
-        for name, kind in field_types(cls).items():
-            value, option = getattr(values, name), f"{section}.{name}"
-            extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is Annotated else ()
-            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
-            if choices and value not in choices:
-                problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-            for limit in (extra for extra in extras if isinstance(extra, Range)):
-                if not limit.allows(value):
-                    problems.append(f"{option} must be {limit.describe()}, got {value}")
+    values = getattr(config, section)
+    for name, kind in field_types(SECTIONS[section]).items():
+        value, option = getattr(values, name), f"{section}.{name}"
+        extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is Annotated else ()
+        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+        if choices and value not in choices:
+            problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        for limit in (extra for extra in extras if isinstance(extra, Range)):
+            if not limit.allows(value):
+                problems.append(f"{option} must be {limit.describe()}, got {value}")
     return problems
 
 
 def validate(config: RunConfig) -> list[str]:
-    """Every problem with the values, before any model or data loads: each field against its type, then the
-    settings that depend on each other."""
-    from transformers.models.whisper.tokenization_whisper import (
-        LANGUAGES,
-        TO_LANGUAGE_CODE,
-    )
+    """Every problem with the values, before any model or data loads, section by section: each field against its
+    type, then the settings that depend on each other."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
     d, m, t = config.data, config.model, config.train
-    problems = field_problems(config)
+    problems = field_problems(config, "data")
     if d.source in ("common_voice", "manifest"):
         if not d.path:
             problems.append(f"data.path is required for data.source={d.source}")
@@ -180,16 +176,18 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("data.dataset_name is required for data.source=hub (e.g. google/fleurs)")
     if not d.train_splits:
         problems.append("data.train_splits must name at least one split")
+    problems += field_problems(config, "model")
     language = m.language.lower()
     if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
         hint = difflib.get_close_matches(language, list(TO_LANGUAGE_CODE), n=1)
         problems.append(f"model.language {m.language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     problems += _model_path_problems(m.name_or_path, "model.name_or_path")
+    problems += field_problems(config, "train")
     if t.resume and t.overwrite_output_dir:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
-    return problems
+    return problems + field_problems(config, "eval")
 
 
 def config_warnings(config: RunConfig) -> list[str]:

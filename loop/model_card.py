@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from loop.config import HUB_ID, RunConfig, resolve_path
+from loop.files import write_text_atomic
 from loop.model import language_code, language_name
 
 LICENSE = "apache-2.0"  # Whisper's license; fine-tuned weights keep it
@@ -197,7 +198,7 @@ def render_model_card(results: dict, config: RunConfig) -> str:
 def write_model_card(best_dir: str | Path, results: dict, config: RunConfig) -> Path:
     """Writes `<best_dir>/README.md`; returns its path."""
     path = Path(best_dir) / "README.md"
-    path.write_text(render_model_card(results, config), encoding="utf-8")
+    write_text_atomic(path, render_model_card(results, config))
     return path
 
 

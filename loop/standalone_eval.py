@@ -69,15 +69,6 @@ class ModelEvaluation:
     rows: list[dict]
 
 
-def decode_once(model, processor, table: datasets.Dataset, accelerator: Accelerator, batch_size: int,
-                description: str) -> EvalResult:
-    """Every row of `table` decoded once over all processes by `loop.evaluation.evaluate`."""
-    loader = accelerator.prepare(eval_dataloader(table, batch_size, model.config.decoder_start_token_id))
-    prepared = accelerator.prepare_model(model, evaluation_mode=True)
-    return evaluate(prepared, loader, accelerator, processor.tokenizer, table["text"],
-                    model.generation_config.language, description=description)
-
-
 def decoding_settings(model) -> dict:
     settings = model.generation_config
     return {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams or 1,
@@ -146,15 +137,19 @@ def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
     return PreparedSplit(table, report, processor)
 
 
-def evaluate_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
-                   batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
-    """Loads `name` as saved (plus `decode`) and evaluates it on the split (on `same_as`'s utterances if given)."""
+def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
+                         batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
+    """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
+    `loop.evaluation.evaluate` (on `same_as`'s utterances if given)."""
     model, processor = load_for_inference(
         name, **asdict(decode), fallback_language=config.model.language,
         attn_implementation=config.model.attn_implementation,
     )
     split = prepare_split(config, model, processor, accelerator, same_as)
-    result = decode_once(model, processor, split.table, accelerator, batch_size, description=f"evaluate {name}")
+    loader = accelerator.prepare(eval_dataloader(split.table, batch_size, model.config.decoder_start_token_id))
+    prepared = accelerator.prepare_model(model, evaluation_mode=True)
+    result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
+                      model.generation_config.language, description=f"evaluate {name}")
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
     return ModelEvaluation(metrics, utterance_rows(result.predictions, split.table)), split
 
@@ -168,10 +163,10 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     decode = decode or DecodeOverrides()
     batch_size = batch_size or config.eval.per_device_eval_batch_size
     accelerator = build_accelerator(resolve_mixed_precision(mixed_precision, "--mixed_precision"))
-    first, split = evaluate_model(config, model_name, decode, accelerator, batch_size)
+    first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size)
     second = None
     if compare:
-        second, _ = evaluate_model(config, compare, decode, accelerator, batch_size, same_as=split)
+        second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split)
         first.metrics["compare"] = second.metrics
     if accelerator.is_main_process:
         write_outputs(Path(config.output_dir), first, second, html, html_audio_mb)

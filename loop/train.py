@@ -32,7 +32,7 @@ from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
 from loop.evaluation import EvalResult, evaluate
-from loop.files import write_json_atomic
+from loop.files import write_json_atomic, write_text_atomic
 from loop.loaders import eval_dataloader, train_dataloader
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_for_inference, load_model
@@ -293,9 +293,9 @@ def run_selection_eval(run: Run) -> EvalResult:
     log_evaluation(run, result, improved)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
-        with open(Path(config.output_dir) / "eval_predictions.jsonl", "w", encoding="utf-8") as handle:
-            for p in result.predictions:
-                handle.write(json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n")
+        lines = [json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n"
+                 for p in result.predictions]
+        write_text_atomic(Path(config.output_dir) / "eval_predictions.jsonl", "".join(lines))
     return result
 
 

@@ -5,9 +5,7 @@
 Training reuses the cached result. Writes data_report.json (kept and skipped rows by reason) to --output_dir.
 """
 
-import json
 import sys
-from pathlib import Path
 
 from transformers import WhisperConfig
 
@@ -36,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report.summary())
             printed.append(report)
     print(f"selection split: {data.selection_split}")
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "data_report.json").write_text(json.dumps(data.report_dict(), indent=2, ensure_ascii=False))
-    print(f"wrote {output / 'data_report.json'}")
+    print(f"wrote {data.write_report(config.output_dir)}")
     return 0
 
 
