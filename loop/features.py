@@ -4,7 +4,7 @@
 whole window, although a frame whose window holds only padding has zero power: its value is the floor
 log10(1e-10) = -10 before the clamp to (clip maximum - 8). For a 3-s clip that is 90% of the work. Here the same
 torch STFT runs over the audio plus one window of padding, and the remaining frames get the floor, so the result
-equals the feature extractor's (tests/test_benchmark.py checks both against its NumPy path to 1e-4).
+equals the feature extractor's (tests/test_features.py checks both against its NumPy path to 1e-4).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The benchmark: feature parity of the fast extraction paths, the analytic FLOP count, and a `--quick` run that
-must complete and write its ratios (no timing is asserted anywhere)."""
+"""The benchmark (benchmarks/): the analytic FLOP count and memory estimate, its settings and command line, and
+a `--quick` run that must complete and write its ratios (no timing is asserted anywhere). The feature-parity
+tests are in tests/test_features.py."""
 
 from __future__ import annotations
 
@@ -8,62 +9,13 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from transformers import (
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-)
+from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from loop.audio import SAMPLE_RATE, decode_audio
-from loop.benchmark import (
-    BenchSettings,
-    numpy_path_feature_extractor,
-    training_flops_per_sample,
-    training_memory_estimate,
-    validate,
-)
-from loop.features import log_mel_features
-from tests.helpers import PROJECT, corpus_rows
-
-
-@pytest.fixture(scope="module")
-def waveforms():
-    """Six shipped clips, plus edge cases: silence, a clip with trailing zeros, one longer than a 5-s window."""
-    clips = [decode_audio(row["audio_path"]) for row in corpus_rows("train")[:6]]
-    silent = np.zeros(SAMPLE_RATE, dtype=np.float32)
-    padded = np.concatenate([clips[0], np.zeros(SAMPLE_RATE // 2, dtype=np.float32)])
-    long = np.concatenate(clips[1:4])
-    assert len(long) > 5 * SAMPLE_RATE
-    return [*clips, silent, padded, long]
-
-
-def numpy_path(feature_extractor, waveforms):
-    """The reference: the feature extractor's NumPy STFT, one clip per call."""
-    extractor = numpy_path_feature_extractor(feature_extractor)
-    return np.concatenate([extractor(w, sampling_rate=SAMPLE_RATE).input_features for w in waveforms])
-
-
-@pytest.mark.parametrize("chunk_length", [30, 5])
-def test_batched_torch_features_match_the_numpy_path(waveforms, chunk_length):
-    """What loop.data.prepare computes (one batched call, torch STFT) equals the one-clip NumPy path to 1e-4."""
-    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_length)
-    expected = numpy_path(fe, waveforms)
-    batched = fe(waveforms, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
-    assert batched.shape == expected.shape == (len(waveforms), 80, chunk_length * 100)
-    np.testing.assert_allclose(batched, expected, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("chunk_length", [30, 5])
-def test_trimmed_stft_features_match_the_numpy_path(waveforms, chunk_length):
-    """loop.features.log_mel_features skips the padding's STFT and still gives the same features, batched or not."""
-    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_length)
-    expected = numpy_path(fe, waveforms)
-    np.testing.assert_allclose(log_mel_features(waveforms, fe), expected, atol=1e-4, rtol=0)
-    one_by_one = np.concatenate([log_mel_features([w], fe) for w in waveforms])
-    np.testing.assert_allclose(one_by_one, expected, atol=1e-4, rtol=0)
+from benchmarks.estimates import training_flops_per_sample, training_memory_estimate
+from benchmarks.settings import BenchSettings, parse_settings, validate
+from tests.helpers import PROJECT
 
 
 def test_training_flops_match_torch_flop_counter():
@@ -105,10 +57,21 @@ def test_settings_problems_are_listed_together():
     assert any("--train_clips" in p for p in problems) and any("--repeats" in p for p in problems)
 
 
+def test_command_line_is_the_settings_dataclass(capsys):
+    """Every option comes from a BenchSettings field, its help from the field's docstring; no abbreviations."""
+    settings = parse_settings(["--shape", "test", "--repeats", "2", "--no-packing", "--learning_rate", "3e-5"])
+    assert settings == BenchSettings(shape="test", repeats=2, packing=False, learning_rate=3e-5)
+    with pytest.raises(SystemExit):
+        parse_settings(["--repeat", "2"])
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"])
+    assert "Runs of each side, alternating loop, reference" in capsys.readouterr().out
+
+
 def test_quick_benchmark_writes_its_ratios(tmp_path):
     """`--quick` runs both sides end to end and writes the JSON; the figures are not judged."""
     output = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--quick", "--output", str(output)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--output", str(output)],
                           cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(output.read_text())
