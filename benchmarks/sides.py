@@ -30,13 +30,7 @@ from benchmarks.reference_recipe import (
     reference_prepare,
 )
 from benchmarks.settings import LANGUAGE, TASK, BenchSettings
-from benchmarks.workspace import (
-    PACKED,
-    Workspace,
-    loop_config,
-    manifest_rows,
-    packed_config,
-)
+from benchmarks.workspace import PACKED, Workspace, loop_config, manifest_rows, packed_config
 from loop.config import RunConfig
 from loop.data import SplitReport, prepare
 from loop.evaluation import evaluate

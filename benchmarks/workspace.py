@@ -16,13 +16,7 @@ from benchmarks.settings import LANGUAGE, SHAPES, TASK, BenchSettings
 from loop.config import RunConfig, load_config
 from loop.data import build_datasets
 from loop.model import load_processor
-from loop.sources import (
-    SkipLog,
-    find_common_voice_dir,
-    read_common_voice_split,
-    read_manifest,
-    write_manifest,
-)
+from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split, read_manifest, write_manifest
 from loop.tiny_model import build_tiny_whisper
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import jiwer
-from transformers.models.whisper.english_normalizer import (
-    BasicTextNormalizer,
-    EnglishTextNormalizer,
-)
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 # Latin-script languages that Whisper's basic normalizer (lowercase, drop symbols, keep letters

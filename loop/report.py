@@ -14,12 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from loop.metrics import (
-    aligned_ops,
-    alignment_counts,
-    error_rates,
-    utterance_error_rates,
-)
+from loop.metrics import aligned_ops, alignment_counts, error_rates, utterance_error_rates
 
 # (label, lower bound inclusive, upper bound exclusive), seconds of audio
 DURATION_BUCKETS = (("< 2 s", 0.0, 2.0), ("2-5 s", 2.0, 5.0), ("5-10 s", 5.0, 10.0), ("10-20 s", 10.0, 20.0),

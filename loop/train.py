@@ -22,12 +22,7 @@ from tqdm.auto import tqdm
 
 from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.best_model import best_dir, write_best_model
-from loop.checkpointing import (
-    LoopState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets

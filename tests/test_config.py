@@ -8,9 +8,9 @@ import typing
 import pytest
 
 import loop.model
-from tests.eval_helpers import load_script
 from loop.config import SECTIONS, ConfigError, Range, RunConfig, field_docs, field_types, to_dict
 from loop.config_loading import config_warnings, from_dict, list_presets, load_config, parse_overrides
+from tests.eval_helpers import load_script
 
 
 @pytest.fixture

@@ -19,20 +19,8 @@ from conftest import PROJECT
 import loop.data
 from loop.config import DataConfig
 from loop.config_loading import load_config
-from loop.data import (
-    SplitReport,
-    build_datasets,
-    build_eval_split,
-    prepare,
-    speaker_disjoint_slice,
-)
-from loop.sources import (
-    UTTERANCE_FEATURES,
-    DataError,
-    SkipLog,
-    load_utterances,
-    read_common_voice_split,
-)
+from loop.data import SplitReport, build_datasets, build_eval_split, prepare, speaker_disjoint_slice
+from loop.sources import UTTERANCE_FEATURES, DataError, SkipLog, load_utterances, read_common_voice_split
 
 PREFIX = ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
 

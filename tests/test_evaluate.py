@@ -14,12 +14,7 @@ from loop.metrics import error_rates
 from loop.model import load_for_inference
 from loop.report import read_predictions_jsonl
 from loop.standalone_eval import DecodeOverrides, same_preparation
-from tests.eval_helpers import (
-    DECODE_MAX_LENGTH,
-    build_decoding_checkpoint,
-    one_torch_thread,
-    run_evaluate_script,
-)
+from tests.eval_helpers import DECODE_MAX_LENGTH, build_decoding_checkpoint, one_torch_thread, run_evaluate_script
 from tests.helpers import PROJECT, reset_accelerate
 
 SAMPLES = 8

@@ -4,10 +4,7 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from transformers.models.whisper.english_normalizer import (
-    BasicTextNormalizer,
-    EnglishTextNormalizer,
-)
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
 from loop.metrics import (
     aligned_ops,

@@ -18,13 +18,7 @@ from loop.collator import SpeechSeq2SeqCollator
 from loop.loaders import Rows
 from loop.sources import write_manifest
 from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
-from tests.helpers import (
-    PROJECT,
-    build_fast_model,
-    corpus_rows,
-    run_config,
-    tensorboard_scalars,
-)
+from tests.helpers import PROJECT, build_fast_model, corpus_rows, run_config, tensorboard_scalars
 
 
 @pytest.fixture(scope="module")
