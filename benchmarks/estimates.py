@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from loop.config import preset_path
+from loop.config_loading import preset_path
 
 REFERENCE_MEMORY_GB = 15.8  # what the reference recipe needs to train whisper-small, batch 16, fp16 (the figure)
 H100_DENSE_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense tensor-core peak

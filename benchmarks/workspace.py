@@ -13,7 +13,8 @@ from transformers import GenerationConfig
 
 from benchmarks.reference_recipe import numpy_path_feature_extractor, reference_prepare
 from benchmarks.settings import LANGUAGE, SHAPES, TASK, BenchSettings
-from loop.config import RunConfig, load_config
+from loop.config import RunConfig
+from loop.config_loading import load_config
 from loop.data import build_datasets
 from loop.model import load_processor
 from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split, read_manifest, write_manifest
