@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import pytest
+import transformers
 
-import loop.model
-from loop.config import ConfigError, RunConfig, from_dict, list_presets, load_config, parse_overrides, to_dict
+from loop.config import (
+    ConfigError,
+    RunConfig,
+    from_dict,
+    list_presets,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    """Configuration must be judged before any model or processor loads: loading one here fails the test."""
+    """Configuration must be judged before any model or processor loads: loading one here fails the test. (What
+    is replaced is transformers' loading, the one way in for loop.model, not a function of ours.)"""
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model or processor was loaded while validating the configuration")
 
-    monkeypatch.setattr(loop.model.WhisperForConditionalGeneration, "from_pretrained", must_not_load)
-    monkeypatch.setattr(loop.model.WhisperProcessor, "from_pretrained", must_not_load)
+    monkeypatch.setattr(transformers.WhisperForConditionalGeneration, "from_pretrained", must_not_load)
+    monkeypatch.setattr(transformers.WhisperProcessor, "from_pretrained", must_not_load)
 
 
 def test_every_problem_is_reported_at_once(tmp_path, no_model_loading):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -93,20 +94,28 @@ def test_bad_input_gets_a_clear_message(client, not_audio, too_long_clip):
         client.predict(handle_file(too_long_clip), "hi", "transcribe", api_name="/transcribe")
 
 
-def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_clip, monkeypatch):
+def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_clip):
+    """The 12-s clip is decoded window by window: the encoder sees one 5-s window at a time, at least three of
+    them (a forward pre-hook records what it is given), and the transcript is transcribe_long's."""
     from gradio_client import handle_file
 
-    import loop.demo
-    from loop.demo import Transcriber
+    from loop.demo import Transcriber, transcribe_long
 
     text, _ = client.predict(handle_file(long_clip), "hi", "transcribe", api_name="/transcribe")
     assert isinstance(text, str)
-    calls = []
-    original = loop.demo.transcribe_long
-    monkeypatch.setattr(loop.demo, "transcribe_long", lambda *args: calls.append(args) or original(*args))
     transcriber = Transcriber(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
+    window_frames = transcriber.processor.feature_extractor.nb_max_frames  # 500 frames in a 5-s window
+    encoded = []
+
+    def record(encoder, args, kwargs):
+        encoded.append((args[0] if args else kwargs["input_features"]).shape)
+
+    transcriber.model.get_encoder().register_forward_pre_hook(record, with_kwargs=True)
     direct, seconds = transcriber.transcribe_file(long_clip, "hindi", "transcribe")
-    assert len(calls) == 1 and direct == text and seconds > 0
+    assert direct == text and seconds > 0
+    assert len(encoded) >= math.ceil(len(decode_audio(long_clip)) / SAMPLE_RATE / transcriber.window_s) >= 3
+    assert all(shape[0] == 1 and shape[-1] == window_frames for shape in encoded)
+    assert direct == transcribe_long(transcriber.model, transcriber.processor, decode_audio(long_clip))
 
 
 def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, clips):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 
 import pytest
 import torch
@@ -108,12 +109,12 @@ def test_packed_rows_train_and_count_their_utterances(tmp_path, fast_model, sess
 
 
 def test_the_wait_for_data_is_measured(monkeypatch):
-    """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow)."""
-    import loop.train
+    """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow:
+    the standard library's, since WaitClock reads time.perf_counter and takes no clock)."""
     from loop.train import WaitClock
 
     now = [0.0]
-    monkeypatch.setattr(loop.train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
 
     def slow_batches():
         for number in range(3):
@@ -132,12 +133,13 @@ def test_the_wait_for_data_is_measured(monkeypatch):
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, session_cache_dir):
     """One optimizer step of batch 8 x 1 and of batch 4 x 2 over the same 8 utterances sees the same loss and the
     same gradient (so any optimizer makes the same update), although the two micro-batches hold different
-    numbers of target tokens."""
+    numbers of target tokens. (No dropout, no SpecAugment: their random masks would differ between the two.)"""
     seen = {}
     for batch_size, accumulation in ((8, 1), (4, 2)):
         config = small_run(tmp_path, fast_model, session_cache_dir, f"--train.per_device_train_batch_size={batch_size}",
                            f"--train.gradient_accumulation_steps={accumulation}", "--train.max_steps=1",
-                           "--eval.eval_steps=1", "--train.report_to=none", name=f"acc{accumulation}")
+                           "--eval.eval_steps=1", "--train.report_to=none", "--model.dropout=0",
+                           "--model.apply_spec_augment=false", name=f"acc{accumulation}")
         run = setup(config)
         rows = Rows(run.data.train)
         collate = SpeechSeq2SeqCollator(run.model.config.decoder_start_token_id)
