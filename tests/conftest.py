@@ -179,3 +179,45 @@ def broken_corpus(corpus_copy) -> BrokenCorpus:
         rows=positions,
         long_transcript=wordy,
     )
+
+
+# Fixtures of the training, fault, evaluation, demo and model card tests (kept apart from the corpus builders above).
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """After every test, Accelerate's state singletons are reset (a no-op unless the test built an Accelerator:
+    in-process runs, scripts' main()), so nothing carries over to the next test and no test has to remember."""
+    yield
+    from tests.helpers import reset_accelerate
+
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("single_thread")`): its models are
+    so small that a second thread only adds synchronisation, and on a busy machine OpenMP's spin-waiting threads
+    make every tiny matmul 20 times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fast_model(tmp_path_factory) -> Path:
+    """`tests.helpers.build_fast_model`'s Whisper, built once: training tests start from it."""
+    from tests.helpers import build_fast_model
+
+    return build_fast_model(tmp_path_factory.mktemp("fast-model"))
+
+
+@pytest.fixture(scope="session")
+def decoding_checkpoint(tmp_path_factory) -> Path:
+    """`tests.helpers.build_decoding_checkpoint`'s saved model, built once: a stand-in for a trained best/."""
+    from tests.helpers import build_decoding_checkpoint
+
+    return build_decoding_checkpoint(tmp_path_factory.mktemp("decoding-checkpoint"))

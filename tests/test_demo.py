@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -10,20 +11,9 @@ import pytest
 import soundfile
 
 from loop.audio import SAMPLE_RATE, decode_audio
-from tests.eval_helpers import build_decoding_checkpoint, one_torch_thread
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 MAX_DURATION_S = 20.0  # the checkpoint's window is 5 s: a 12-s clip is long-form, a 25-s clip is over the limit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_decoding_checkpoint(tmp_path_factory.getbasetemp() / "decoding-checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +53,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def client(checkpoint):
+def client(decoding_checkpoint):
     """The app served on a free local port, and a gradio_client connected to it; closed after the module."""
     from gradio_client import Client
 
     from loop.demo import build_app, launch
 
-    app = build_app(checkpoint, max_duration_s=MAX_DURATION_S)
+    app = build_app(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
     launch(app, host="127.0.0.1", port=free_port(), max_file_size="5mb", block=False)
     try:
         yield Client(app.local_url, verbose=False)
@@ -77,13 +67,13 @@ def client(checkpoint):
         app.close()
 
 
-def test_transcript_equals_transcribe(client, checkpoint, clips):
+def test_transcript_equals_transcribe(client, decoding_checkpoint, clips):
     from gradio_client import handle_file
 
     from loop.evaluation import transcribe
     from loop.model import load_for_inference
 
-    model, processor = load_for_inference(str(checkpoint))
+    model, processor = load_for_inference(str(decoding_checkpoint))
     features = processor.feature_extractor(decode_audio(clips[0]), sampling_rate=SAMPLE_RATE,
                                            return_tensors="pt").input_features
     expected = transcribe(model, features, processor.tokenizer)[0]
@@ -104,26 +94,34 @@ def test_bad_input_gets_a_clear_message(client, not_audio, too_long_clip):
         client.predict(handle_file(too_long_clip), "hi", "transcribe", api_name="/transcribe")
 
 
-def test_long_audio_goes_through_long_form(client, checkpoint, long_clip, monkeypatch):
+def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_clip):
+    """The 12-s clip is decoded window by window: the encoder sees one 5-s window at a time, at least three of
+    them (a forward pre-hook records what it is given), and the transcript is transcribe_long's."""
     from gradio_client import handle_file
 
-    import loop.demo
-    from loop.demo import Transcriber
+    from loop.demo import Transcriber, transcribe_long
 
     text, _ = client.predict(handle_file(long_clip), "hi", "transcribe", api_name="/transcribe")
     assert isinstance(text, str)
-    calls = []
-    original = loop.demo.transcribe_long
-    monkeypatch.setattr(loop.demo, "transcribe_long", lambda *args: calls.append(args) or original(*args))
-    transcriber = Transcriber(checkpoint, max_duration_s=MAX_DURATION_S)
+    transcriber = Transcriber(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
+    window_frames = transcriber.processor.feature_extractor.nb_max_frames  # 500 frames in a 5-s window
+    encoded = []
+
+    def record(encoder, args, kwargs):
+        encoded.append((args[0] if args else kwargs["input_features"]).shape)
+
+    transcriber.model.get_encoder().register_forward_pre_hook(record, with_kwargs=True)
     direct, seconds = transcriber.transcribe_file(long_clip, "hindi", "transcribe")
-    assert len(calls) == 1 and direct == text and seconds > 0
+    assert direct == text and seconds > 0
+    assert len(encoded) >= math.ceil(len(decode_audio(long_clip)) / SAMPLE_RATE / transcriber.window_s) >= 3
+    assert all(shape[0] == 1 and shape[-1] == window_frames for shape in encoded)
+    assert direct == transcribe_long(transcriber.model, transcriber.processor, decode_audio(long_clip))
 
 
-def test_transcribe_file_language_and_task_are_per_call(checkpoint, clips):
+def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, clips):
     from loop.demo import DemoInputError, Transcriber
 
-    transcriber = Transcriber(checkpoint)
+    transcriber = Transcriber(decoding_checkpoint)
     assert (transcriber.language, transcriber.task, transcriber.window_s) == ("hi", "transcribe", 5.0)
     transcriber.transcribe_file(clips[1], "english", "translate")
     assert (transcriber.language, transcriber.task) == ("hi", "transcribe")  # the saved settings are restored

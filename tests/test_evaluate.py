@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -14,21 +13,10 @@ from loop.metrics import error_rates
 from loop.model import load_for_inference
 from loop.report import read_predictions_jsonl
 from loop.standalone_eval import DecodeOverrides, same_preparation
-from tests.eval_helpers import DECODE_MAX_LENGTH, build_decoding_checkpoint, one_torch_thread, run_evaluate_script
-from tests.helpers import PROJECT, reset_accelerate
+from tests.helpers import DECODE_MAX_LENGTH, PROJECT, child_env, run_evaluate_script, script_command
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 SAMPLES = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return build_decoding_checkpoint(tmp_path_factory.getbasetemp() / "decoding-checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +26,18 @@ def data_args(corpus_dir, session_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, checkpoint, tiny_model_dir, data_args):
+def evaluated(tmp_path_factory, decoding_checkpoint, tiny_model_dir, data_args):
     """One run with --compare (the shipped tiny model: another window and vocabulary, so the same utterances are
     prepared again for it) and --html. --eval.generation_max_length keeps the tiny model's decoding short."""
     out = tmp_path_factory.mktemp("evaluated")
-    code = run_evaluate_script("--model", checkpoint, *data_args, "--output_dir", out, "--compare", tiny_model_dir,
-                               "--html", f"--eval.generation_max_length={DECODE_MAX_LENGTH}", "--batch_size=5")
+    code = run_evaluate_script("--model", decoding_checkpoint, *data_args, "--output_dir", out, "--compare",
+                               tiny_model_dir, "--html", f"--eval.generation_max_length={DECODE_MAX_LENGTH}",
+                               "--batch_size=5")
     assert code == 0
     return out
 
 
-def test_writes_consistent_metrics_predictions_and_report(evaluated, checkpoint):
+def test_writes_consistent_metrics_predictions_and_report(evaluated, decoding_checkpoint):
     metrics = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
     rows = read_predictions_jsonl(evaluated / "predictions.jsonl")
     assert metrics["num_utterances"] == len(rows) == SAMPLES
@@ -56,7 +45,7 @@ def test_writes_consistent_metrics_predictions_and_report(evaluated, checkpoint)
     recomputed = error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     assert metrics["wer"] == pytest.approx(recomputed["wer"]) and metrics["cer"] == pytest.approx(recomputed["cer"])
     assert {"normalized_wer", "normalized_cer", "loss", "seconds"} <= set(metrics)
-    assert metrics["model"] == str(checkpoint) and metrics["split"] == "test"
+    assert metrics["model"] == str(decoding_checkpoint) and metrics["split"] == "test"
     assert metrics["decoding"] == {"language": "hi", "task": "transcribe", "num_beams": 1,
                                    "max_length": DECODE_MAX_LENGTH}
     assert [r["index"] for r in rows] == list(range(SAMPLES))
@@ -89,7 +78,7 @@ def test_html_report_embeds_the_audio(evaluated):
     assert "hypothesis (B)" in page
 
 
-def test_one_decoding_three_paths(evaluated, checkpoint, corpus_dir, session_cache_dir):
+def test_one_decoding_three_paths(evaluated, decoding_checkpoint, corpus_dir, session_cache_dir):
     """The same checkpoint gives the same hypotheses through the training loop's final evaluation (finish():
     from_pretrained, the loop's test loader, evaluate), scripts/evaluate.py and the demo's transcribe_file."""
     from accelerate import Accelerator
@@ -102,23 +91,20 @@ def test_one_decoding_three_paths(evaluated, checkpoint, corpus_dir, session_cac
     from loop.model import load_processor
     from loop.train import get_dataloaders
 
-    config = load_config(None, [f"--model.name_or_path={checkpoint}", f"--data.path={corpus_dir}",
+    config = load_config(None, [f"--model.name_or_path={decoding_checkpoint}", f"--data.path={corpus_dir}",
                                 f"--data.max_eval_samples={SAMPLES}", f"--data.cache_dir={session_cache_dir}",
                                 "--eval.per_device_eval_batch_size=3"])
-    accelerator = Accelerator(mixed_precision="no")
-    try:
-        processor = load_processor(str(checkpoint), config.model.language, config.model.task)
-        best = WhisperForConditionalGeneration.from_pretrained(checkpoint)
-        table, _ = build_eval_split(config, processor, best.config.max_target_positions)
-        _, _, test_loader = get_dataloaders(config, PreparedData(table, table, table, "test", {}), best)
-        best, test_loader = accelerator.prepare_model(best, evaluation_mode=True), accelerator.prepare(test_loader)
-        loop_result = evaluate(best, test_loader, accelerator, processor.tokenizer, table["text"],
-                               config.model.language, description="test")
-    finally:
-        reset_accelerate()
+    accelerator = Accelerator(mixed_precision="no")  # its state is reset after the test (conftest.py)
+    processor = load_processor(str(decoding_checkpoint), config.model.language, config.model.task)
+    best = WhisperForConditionalGeneration.from_pretrained(decoding_checkpoint)
+    table, _ = build_eval_split(config, processor, best.config.max_target_positions)
+    _, _, test_loader = get_dataloaders(config, PreparedData(table, table, table, "test", {}), best)
+    best, test_loader = accelerator.prepare_model(best, evaluation_mode=True), accelerator.prepare(test_loader)
+    loop_result = evaluate(best, test_loader, accelerator, processor.tokenizer, table["text"],
+                           config.model.language, description="test")
     from_loop = {table["id"][p["index"]]: p["hypothesis"] for p in loop_result.predictions}
     from_script = {r["id"]: r["hypothesis"] for r in read_predictions_jsonl(evaluated / "predictions.jsonl")}
-    demo = Transcriber(checkpoint)
+    demo = Transcriber(decoding_checkpoint)
     from_demo = {r["id"]: demo.transcribe_file(r["audio_path"])[0]
                  for r in read_predictions_jsonl(evaluated / "predictions.jsonl")}
     assert len(from_loop) == SAMPLES
@@ -133,11 +119,11 @@ def one_line_error(capsys) -> str:
     return errors[0]
 
 
-def test_errors_exit_2_with_one_line(tmp_path, checkpoint, data_args, capsys):
+def test_errors_exit_2_with_one_line(tmp_path, decoding_checkpoint, data_args, capsys):
     out = ["--output_dir", tmp_path / "out"]
     assert run_evaluate_script("--model", tmp_path / "nowhere", *data_args, *out) == 2  # ConfigError
     assert "does not exist" in one_line_error(capsys)
-    assert run_evaluate_script("--model", checkpoint, *data_args, "--data.eval_split", "nosuch", *out) == 2
+    assert run_evaluate_script("--model", decoding_checkpoint, *data_args, "--data.eval_split", "nosuch", *out) == 2
     assert "split 'nosuch' not found" in one_line_error(capsys)  # DataError
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -145,38 +131,36 @@ def test_errors_exit_2_with_one_line(tmp_path, checkpoint, data_args, capsys):
     assert run_evaluate_script("--model", broken, *data_args, *out) == 2  # ModelLoadError
     assert "cannot load" in one_line_error(capsys)
     if not __import__("torch").cuda.is_available():
-        assert run_evaluate_script("--model", checkpoint, *data_args, "--mixed_precision", "fp16", *out) == 2
+        assert run_evaluate_script("--model", decoding_checkpoint, *data_args, "--mixed_precision", "fp16", *out) == 2
         assert "needs a GPU" in one_line_error(capsys)
-    assert run_evaluate_script("--model", checkpoint, *data_args, "--language", "klingon", *out) == 2
+    assert run_evaluate_script("--model", decoding_checkpoint, *data_args, "--language", "klingon", *out) == 2
     assert "not a Whisper language" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_decoding_follows_the_model_folder_unless_overridden(checkpoint, tiny_model_dir):
-    model, processor = load_for_inference(str(checkpoint))
+def test_decoding_follows_the_model_folder_unless_overridden(decoding_checkpoint, tiny_model_dir):
+    model, processor = load_for_inference(str(decoding_checkpoint))
     settings = model.generation_config
     assert (settings.language, settings.task, settings.max_length) == ("hi", "transcribe", DECODE_MAX_LENGTH)
     overrides = DecodeOverrides.from_command_line(
         "english", None, 3, ["--eval.generation_max_length=40", "--model.task=translate", "--data.path=x"])
     assert overrides == DecodeOverrides(language="english", task="translate", num_beams=3, max_length=40)
-    model, processor = load_for_inference(str(checkpoint), language="english", task="translate", num_beams=3,
+    model, processor = load_for_inference(str(decoding_checkpoint), language="english", task="translate", num_beams=3,
                                           max_length=40)
     settings = model.generation_config
     assert (settings.language, settings.task, settings.num_beams, settings.max_length) == ("en", "translate", 3, 40)
     assert processor.tokenizer.prefix_tokens[1] == processor.tokenizer.convert_tokens_to_ids("<|en|>")
     assert DecodeOverrides.from_command_line(None, None, None, ["--data.path=x"]) == DecodeOverrides()
-    assert same_preparation(processor, load_for_inference(str(checkpoint), language="english", task="translate")[1])
+    translating = load_for_inference(str(decoding_checkpoint), language="english", task="translate")[1]
+    assert same_preparation(processor, translating)
     assert not same_preparation(processor, load_for_inference(str(tiny_model_dir))[1])
 
 
-def test_two_processes_give_the_single_process_result(tmp_path, checkpoint, data_args, evaluated):
+def test_two_processes_give_the_single_process_result(tmp_path, decoding_checkpoint, data_args, evaluated):
     """accelerate launch with 2 CPU processes (gloo): every utterance once, the same hypotheses and metrics."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
-               "--mixed_precision=no", "--dynamo_backend=no", "--multi_gpu", str(PROJECT / "scripts" / "evaluate.py"),
-               "--model", str(checkpoint), *map(str, data_args), "--output_dir", str(tmp_path / "two"),
-               "--batch_size=3"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT)
+    command = script_command("evaluate", "--model", decoding_checkpoint, *data_args, "--output_dir", tmp_path / "two",
+                             "--batch_size=3", processes=2)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=PROJECT)
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
     two = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
@@ -190,7 +174,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, checkpoint, data
     assert done.stdout.count(" on test (") == 1  # only the main process prints the summary
 
 
-def test_one_encoder_pass_decodes_as_generate_does(checkpoint):
+def test_one_encoder_pass_decodes_as_generate_does(decoding_checkpoint):
     """evaluate() runs the encoder once for the loss and generation, and generation reuses the cross-attention keys
     and values the loss pass computed; either way generate gives the ids it computes from the features itself,
     greedy and with beam search, and the loss equals the one Whisper computes from labels."""
@@ -205,7 +189,7 @@ def test_one_encoder_pass_decodes_as_generate_does(checkpoint):
 
     rows = corpus_rows("test")[:4]
     for beams in (1, 3):
-        model, processor = load_for_inference(str(checkpoint), num_beams=beams)
+        model, processor = load_for_inference(str(decoding_checkpoint), num_beams=beams)
         assert shares_cross_attention(model.generation_config) == (beams == 1)
         waveforms = [decode_audio(row["audio_path"]) for row in rows]
         features = processor.feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt").input_features

@@ -11,7 +11,6 @@ import yaml
 
 from loop.config_loading import load_config
 from loop.model_card import dataset_id, push_to_hub, write_model_card
-from tests.eval_helpers import build_decoding_checkpoint
 
 RESULTS = {  # what loop.train.finish() writes to results.json
     "initial_wer": 187.5, "best_wer": 35.123, "best_step": 3000, "final_wer": 35.9, "test_wer": 32.0456,
@@ -25,10 +24,9 @@ TOKEN = "hf_NotARealTokenButLooksLikeOne123"
 
 
 @pytest.fixture
-def best_dir(tmp_path_factory, tmp_path):
+def best_dir(decoding_checkpoint, tmp_path):
     """A copy of a saved model folder as the loop writes best/ (model, generation config, processor files)."""
-    source = build_decoding_checkpoint(tmp_path_factory.getbasetemp() / "decoding-checkpoint")
-    return shutil.copytree(source, tmp_path / "best")
+    return shutil.copytree(decoding_checkpoint, tmp_path / "best")
 
 
 @pytest.fixture

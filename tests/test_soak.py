@@ -8,28 +8,27 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 
 import pytest
 
 from loop.checkpointing import list_checkpoints
-from tests.helpers import PROJECT, build_fast_model, tensorboard_scalars
+from tests.helpers import PROJECT, child_env, script_command, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 
 STEPS = int(os.environ.get("SOAK_STEPS", "3000"))
 
 
-def test_long_run_memory_checkpoints_and_kill(tmp_path):
-    model = build_fast_model(tmp_path / "model")
+def test_long_run_memory_checkpoints_and_kill(tmp_path, fast_model, session_cache_dir):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(PROJECT / "scripts" / "train.py"), "--config", "quickstart", "--output_dir", str(out),
-           f"--model.name_or_path={model}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.max_eval_samples=8",
-           "--train.per_device_train_batch_size=8", f"--train.max_steps={STEPS}", "--eval.eval_steps=100",
-           "--train.save_steps=50", "--train.save_total_limit=2", "--train.logging_steps=25",
-           "--eval.generation_max_length=32", "--train.warmup_steps=50"]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "2"}
+    cmd = script_command(
+        "train", "--config", "quickstart", "--output_dir", out, f"--model.name_or_path={fast_model}",
+        f"--data.cache_dir={session_cache_dir}", "--data.max_eval_samples=8", "--train.per_device_train_batch_size=8",
+        f"--train.max_steps={STEPS}", "--eval.eval_steps=100", "--train.save_steps=50", "--train.save_total_limit=2",
+        "--train.logging_steps=25", "--eval.generation_max_length=32", "--train.warmup_steps=50",
+    )
+    env = child_env(threads=2)
     process = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 3600
     most_checkpoints = 0  # the folder count seen while the run writes a checkpoint every 50 steps

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
+import time
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
@@ -18,25 +16,15 @@ from loop.collator import SpeechSeq2SeqCollator
 from loop.loaders import Rows
 from loop.sources import write_manifest
 from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
-from tests.helpers import PROJECT, build_fast_model, corpus_rows, run_config, tensorboard_scalars
-
-
-@pytest.fixture(scope="module")
-def fast_model(tmp_path_factory):
-    return build_fast_model(tmp_path_factory.mktemp("fast-model"))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("prepared")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; the state singletons must not carry over."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+from tests.helpers import (
+    PROJECT,
+    child_env,
+    corpus_rows,
+    reset_accelerate,
+    run_config,
+    script_command,
+    tensorboard_scalars,
+)
 
 
 class StopAt:
@@ -59,17 +47,27 @@ def small_run(tmp_path, fast_model, cache_dir, *overrides, name="run"):
     )
 
 
-def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
-    """Loss falls tenfold and the model transcribes its 8 training utterances with WER <= 10%."""
-    rows = corpus_rows("train")[:8]
+def memorising_run(tmp_path, fast_model, cache_dir, utterances, *overrides):
+    """(rows, config) of a run that trains on the first `utterances` training rows, written as a manifest, and
+    selects and tests on the same rows (so the results say the test split chose the model): no dropout, no
+    SpecAugment, TensorBoard on, output in `<tmp_path>/out`."""
+    rows = corpus_rows("train")[:utterances]
     write_manifest(tmp_path / "m" / "train.csv", rows)
     config = run_config(
         tmp_path / "out", fast_model, cache_dir,
         "--data.source=manifest", f"--data.path={tmp_path / 'm'}", "--data.train_splits=train",
-        "--data.eval_split=train", "--eval.select_on=test", "--train.per_device_train_batch_size=8",
-        "--train.learning_rate=3e-3", "--train.warmup_steps=10", "--train.max_steps=160", "--eval.eval_steps=160",
-        "--train.save_steps=160", "--eval.generation_max_length=64", "--train.report_to=tensorboard",
-        "--model.dropout=0", "--model.apply_spec_augment=false",
+        "--data.eval_split=train", "--eval.select_on=test", "--train.learning_rate=3e-3",
+        "--train.report_to=tensorboard", "--model.dropout=0", "--model.apply_spec_augment=false", *overrides,
+    )
+    return rows, config
+
+
+def test_overfits_eight_utterances(tmp_path, fast_model, session_cache_dir):
+    """Loss falls tenfold and the model transcribes its 8 training utterances with WER <= 10%."""
+    rows, config = memorising_run(
+        tmp_path, fast_model, session_cache_dir, 8, "--train.per_device_train_batch_size=8",
+        "--train.warmup_steps=10", "--train.max_steps=160", "--eval.eval_steps=160", "--train.save_steps=160",
+        "--eval.generation_max_length=64",
     )
     results = train(config)
     losses = tensorboard_scalars(tmp_path / "out", "train/loss")
@@ -87,18 +85,13 @@ def test_overfits_eight_utterances(tmp_path, fast_model, cache_dir):
     assert audio_rate / sample_rate == pytest.approx(mean_duration, rel=1e-4)
 
 
-def test_packed_rows_train_and_count_their_utterances(tmp_path, fast_model, cache_dir):
+def test_packed_rows_train_and_count_their_utterances(tmp_path, fast_model, session_cache_dir):
     """With data.pack_to_seconds, 16 utterances train as fewer rows; every step (one batch of all rows) counts
     16 utterances, the loss falls, and the unpacked utterances are decoded one by one at the end."""
-    rows = corpus_rows("train")[:16]
-    write_manifest(tmp_path / "m" / "train.csv", rows)
-    config = run_config(
-        tmp_path / "out", fast_model, cache_dir,
-        "--data.source=manifest", f"--data.path={tmp_path / 'm'}", "--data.train_splits=train",
-        "--data.eval_split=train", "--eval.select_on=test", "--data.pack_to_seconds=5",
-        "--train.per_device_train_batch_size=64", "--train.learning_rate=3e-3", "--train.warmup_steps=5",
-        "--train.max_steps=40", "--eval.eval_steps=40", "--train.save_steps=40", "--eval.generation_max_length=24",
-        "--train.report_to=tensorboard", "--model.dropout=0", "--model.apply_spec_augment=false",
+    _, config = memorising_run(
+        tmp_path, fast_model, session_cache_dir, 16, "--data.pack_to_seconds=5",
+        "--train.per_device_train_batch_size=64", "--train.warmup_steps=5", "--train.max_steps=40",
+        "--eval.eval_steps=40", "--train.save_steps=40", "--eval.generation_max_length=24",
     )
     results = train(config)
     packing = results["data"]["train"]
@@ -116,12 +109,12 @@ def test_packed_rows_train_and_count_their_utterances(tmp_path, fast_model, cach
 
 
 def test_the_wait_for_data_is_measured(monkeypatch):
-    """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow)."""
-    import loop.train
+    """WaitClock counts the time spent in next() and nothing else (on a fake clock, so the test cannot be slow:
+    the standard library's, since WaitClock reads time.perf_counter and takes no clock)."""
     from loop.train import WaitClock
 
     now = [0.0]
-    monkeypatch.setattr(loop.train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
 
     def slow_batches():
         for number in range(3):
@@ -137,15 +130,16 @@ def test_the_wait_for_data_is_measured(monkeypatch):
         next(clock)
 
 
-def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cache_dir):
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, session_cache_dir):
     """One optimizer step of batch 8 x 1 and of batch 4 x 2 over the same 8 utterances sees the same loss and the
     same gradient (so any optimizer makes the same update), although the two micro-batches hold different
-    numbers of target tokens."""
+    numbers of target tokens. (No dropout, no SpecAugment: their random masks would differ between the two.)"""
     seen = {}
     for batch_size, accumulation in ((8, 1), (4, 2)):
-        config = small_run(tmp_path, fast_model, cache_dir, f"--train.per_device_train_batch_size={batch_size}",
+        config = small_run(tmp_path, fast_model, session_cache_dir, f"--train.per_device_train_batch_size={batch_size}",
                            f"--train.gradient_accumulation_steps={accumulation}", "--train.max_steps=1",
-                           "--eval.eval_steps=1", "--train.report_to=none", name=f"acc{accumulation}")
+                           "--eval.eval_steps=1", "--train.report_to=none", "--model.dropout=0",
+                           "--model.apply_spec_augment=false", name=f"acc{accumulation}")
         run = setup(config)
         rows = Rows(run.data.train)
         collate = SpeechSeq2SeqCollator(run.model.config.decoder_start_token_id)
@@ -164,8 +158,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cach
         figures = optimizer_step(run, iter(micro_batches))
         seen[accumulation] = (gradients, figures.loss_sum.item(), int(figures.tokens), figures.grad_norm.item(),
                               figures.samples)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
     (one, loss_one, tokens_one, norm_one, samples_one), (two, loss_two, tokens_two, norm_two, samples_two) = seen[1], seen[2]
     assert len(one) == len(two) > 50
     for name, gradient in one.items():
@@ -174,17 +167,16 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, cach
     assert norm_two == pytest.approx(norm_one, rel=1e-5) and norm_one > 0
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, cache_dir):
+def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2")
-    straight = train(small_run(tmp_path, fast_model, cache_dir, *common, name="straight"))
-
-    config = small_run(tmp_path, fast_model, cache_dir, *common, name="resumed")
+    straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
+    reset_accelerate()
+    config = small_run(tmp_path, fast_model, session_cache_dir, *common, name="resumed")
     run = setup(config)
     assert fit(run, StopAt(run, 7)) == "SIGTERM"  # 48 rows / batch 8: step 7 is inside the second epoch
     assert [step for step, _ in list_checkpoints(config.output_dir)][-1] == 7
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     config.train.resume = True
     run = setup(config)
     assert run.state.step == 7 and run.state.epoch == 1 and run.state.batches_in_epoch == 1
@@ -203,8 +195,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, cache_dir):
     assert kept[-2:] == [9, 12] and len(kept) <= 3
 
 
-def test_results_json_and_outputs(tmp_path, fast_model, cache_dir):
-    config = small_run(tmp_path, fast_model, cache_dir, "--train.max_steps=4", "--eval.eval_steps=2",
+def test_results_json_and_outputs(tmp_path, fast_model, session_cache_dir):
+    config = small_run(tmp_path, fast_model, session_cache_dir, "--train.max_steps=4", "--eval.eval_steps=2",
                        "--train.save_steps=2", "--eval.eval_on_start=true", "--train.save_total_limit=1")
     results = train(config)
     out = tmp_path / "run"
@@ -230,12 +222,12 @@ def test_results_json_and_outputs(tmp_path, fast_model, cache_dir):
     assert (out / "data_report.json").is_file() and (out / "config.json").is_file()
 
 
-def test_bf16_autocast_trains_and_evaluates(tmp_path, fast_model, cache_dir):
+def test_bf16_autocast_trains_and_evaluates(tmp_path, fast_model, session_cache_dir):
     """bf16 (the H100 setting; autocast runs on a CPU too): the loss falls, evaluation decodes from the shared
     bf16 encoder pass, and the weights stay and are saved in float32."""
     from safetensors import safe_open
 
-    config = small_run(tmp_path, fast_model, cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=12",
+    config = small_run(tmp_path, fast_model, session_cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=12",
                        "--train.warmup_steps=2", "--train.logging_steps=1", "--eval.eval_steps=12",
                        "--train.save_steps=12", "--eval.generation_max_length=16")
     run = setup(config)
@@ -250,14 +242,13 @@ def test_bf16_autocast_trains_and_evaluates(tmp_path, fast_model, cache_dir):
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
 
 
-def test_refuses_an_output_dir_with_another_runs_checkpoints(tmp_path, fast_model, cache_dir):
+def test_refuses_an_output_dir_with_another_runs_checkpoints(tmp_path, fast_model, session_cache_dir):
     from loop.config import ConfigError
 
-    config = small_run(tmp_path, fast_model, cache_dir, "--train.max_steps=1", "--eval.eval_steps=1",
+    config = small_run(tmp_path, fast_model, session_cache_dir, "--train.max_steps=1", "--eval.eval_steps=1",
                        "--train.report_to=none")
     train(config)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         setup(config)
 
@@ -288,24 +279,21 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert math.isclose(scheduler.get_last_lr()[0], 0.0, abs_tol=1e-12)
 
 
-def test_two_processes_match_one(tmp_path, fast_model, cache_dir):
+def test_two_processes_match_one(tmp_path, fast_model, session_cache_dir):
     """accelerate launch with 2 CPU processes (gloo): every held-out utterance evaluated exactly once, one set of
     checkpoints, the same eval WER as one process with the same global batch, and the schedule over optimizer
     steps (not stepped once per process)."""
     common = ["--train.max_steps=6", "--eval.eval_steps=3", "--train.save_steps=3", "--train.warmup_steps=2",
               "--data.max_train_samples=48", "--data.selection_size=12", "--data.max_eval_samples=8",
               "--train.learning_rate=3e-3", "--eval.generation_max_length=48", "--eval.per_device_eval_batch_size=5",
-              f"--model.name_or_path={fast_model}", f"--data.cache_dir={cache_dir}", "--train.logging_steps=1",
+              f"--model.name_or_path={fast_model}", f"--data.cache_dir={session_cache_dir}", "--train.logging_steps=1",
               "--model.dropout=0", "--model.apply_spec_augment=false"]  # no per-process randomness
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, str(PROJECT / "scripts" / "train.py"), "--config", "quickstart",
-              "--output_dir", str(tmp_path / "one"), "--train.per_device_train_batch_size=8", *common]
-    double = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=2", "--num_machines=1",
-              "--mixed_precision=no", "--dynamo_backend=no", "--multi_gpu", str(PROJECT / "scripts" / "train.py"),
-              "--config", "quickstart", "--output_dir", str(tmp_path / "two"),
-              "--train.per_device_train_batch_size=4", *common]
+    single = script_command("train", "--config", "quickstart", "--output_dir", tmp_path / "one",
+                            "--train.per_device_train_batch_size=8", *common)
+    double = script_command("train", "--config", "quickstart", "--output_dir", tmp_path / "two",
+                            "--train.per_device_train_batch_size=4", *common, processes=2)
     for command in (single, double):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT)
+        done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=PROJECT)
         assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -324,19 +312,19 @@ def test_two_processes_match_one(tmp_path, fast_model, cache_dir):
 
 
 @pytest.mark.slow  # compiling takes a minute or more on 2 cores: run by hand with -m slow
-def test_torch_compile_option_trains_saves_and_resumes(tmp_path, fast_model, cache_dir):
+def test_torch_compile_option_trains_saves_and_resumes(tmp_path, fast_model, session_cache_dir):
     """--train.torch_compile: the compiled model learns as the eager one does, its checkpoints and best/ hold the
     plain parameter names (loadable without compiling), and a compiled run resumes from them."""
     from safetensors import safe_open
     from transformers import WhisperForConditionalGeneration
 
     common = ("--train.max_steps=6", "--train.save_steps=3", "--eval.eval_steps=6", "--eval.generation_max_length=16")
-    eager = train(small_run(tmp_path, fast_model, cache_dir, *common, name="eager"))
-    config = small_run(tmp_path, fast_model, cache_dir, *common, "--train.torch_compile=true", name="compiled")
+    eager = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="eager"))
+    reset_accelerate()
+    config = small_run(tmp_path, fast_model, session_cache_dir, *common, "--train.torch_compile=true", name="compiled")
     run = setup(config)
     assert fit(run, StopAt(run, 3)) == "SIGTERM"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     config.train.resume = True
     run = setup(config)
     assert run.state.step == 3
