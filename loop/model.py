@@ -62,6 +62,8 @@ def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tu
         model.freeze_encoder()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained hands the model back in eval mode: without this, dropout and SpecAugment never run.
+    model.train()
     return model, processor
 
 

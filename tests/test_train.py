@@ -15,7 +15,7 @@ from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
 from loop.collator import SpeechSeq2SeqCollator
 from loop.loaders import Rows
 from loop.sources import write_manifest
-from loop.train import finish, fit, get_lr_scheduler, optimizer_step, setup, train
+from loop.train import finish, fit, get_lr_scheduler, optimizer_step, run_selection_eval, setup, train
 from tests.helpers import (
     PROJECT,
     child_env,
@@ -128,6 +128,21 @@ def test_the_wait_for_data_is_measured(monkeypatch):
     assert clock.seconds == pytest.approx(0.15)
     with pytest.raises(StopIteration):
         next(clock)
+
+
+def test_dropout_and_spec_augment_are_live_in_training_steps(tmp_path, fast_model, session_cache_dir):
+    """`from_pretrained` hands models back in eval mode; the loop must train in training mode, before and after
+    an evaluation, so the preset's dropout and SpecAugment act: the same batch then gives two different losses."""
+    from loop.loss import token_losses
+
+    run = setup(small_run(tmp_path, fast_model, session_cache_dir, "--model.dropout=0.1", "--train.max_steps=1",
+                          "--train.report_to=none"))
+    batch = next(iter(run.train_loader))
+    assert run.model.training
+    with torch.no_grad():
+        assert not torch.equal(token_losses(run.model, batch), token_losses(run.model, batch))
+    run_selection_eval(run)
+    assert run.model.training
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, session_cache_dir):
