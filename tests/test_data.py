@@ -311,7 +311,7 @@ def test_prepare_data_script_reports_bad_rows_and_strict_fails(broken_corpus, tm
 
 
 def test_prepare_data_script_exits_2_with_every_config_problem(tmp_path):
-    """The real entry point, as a user runs it (a subprocess: its own sys.path set-up is part of the test)."""
+    """The real entry point, as a user runs it (a subprocess: the installed package is what it imports)."""
     done = subprocess.run(
         [sys.executable, "scripts/prepare_data.py", "--config", "quickstart", "--data.path=/nowhere",
          "--train.learning_rate", "-1", "--output", str(tmp_path)],
