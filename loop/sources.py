@@ -29,6 +29,11 @@ class DataError(ValueError):
     strict mode."""
 
 
+def strict_error(reason: str, message: str) -> DataError:
+    """The error for the first bad row when `data.strict` is on: the row's message, its reason and the way out."""
+    return DataError(f"{message} [{reason}] (data.strict is on; turn it off to skip and count bad rows)")
+
+
 class SkipLog:
     """Counts skipped rows by reason and keeps the first messages for each; raises in strict mode."""
 
@@ -39,7 +44,7 @@ class SkipLog:
 
     def add(self, reason: str, message: str) -> None:
         if self.strict:
-            raise DataError(f"{message} [{reason}] (data.strict is on; turn it off to skip and count bad rows)")
+            raise strict_error(reason, message)
         self.counts[reason] += 1
         kept = self.messages.setdefault(reason, [])
         if len(kept) < MAX_MESSAGES_PER_REASON:

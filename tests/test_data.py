@@ -16,10 +16,17 @@ import numpy as np
 import pytest
 from conftest import PROJECT
 
-import loop.data
+import loop.prepare
 from loop.config import DataConfig, load_config
-from loop.data import SplitReport, build_datasets, build_eval_split, prepare, speaker_disjoint_slice
-from loop.sources import UTTERANCE_FEATURES, DataError, SkipLog, load_utterances, read_common_voice_split
+from loop.data import build_datasets, build_eval_split, speaker_disjoint_slice
+from loop.prepare import SplitReport, prepare
+from loop.sources import (
+    UTTERANCE_FEATURES,
+    DataError,
+    SkipLog,
+    load_utterances,
+    read_common_voice_split,
+)
 
 PREFIX = ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
 
@@ -168,7 +175,7 @@ def forbid_preparing(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("prepared again although the cache holds this data")
 
-    return lambda: monkeypatch.setattr(loop.data, "_prepare_batch", must_not_run)
+    return lambda: monkeypatch.setattr(loop.prepare, "_prepare_batch", must_not_run)
 
 
 def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path, forbid_preparing):
@@ -384,18 +391,35 @@ def test_packing_joins_consecutive_utterances_within_the_window(small_utterances
     np.testing.assert_allclose(row["input_features"], log_mel_features([audio], fe)[0], atol=1e-5)
 
 
-def test_packing_respects_the_label_limit():
-    """A group stops growing when its joined transcript would exceed the label limit, however short the audio."""
-    from loop.data import pack_groups
+def test_packing_respects_the_label_limit_and_tokenizes_each_join_once():
+    """A group stops growing when its joined transcript would exceed the label limit, however short the audio;
+    a group's labels are those of the tokenization that admitted its last member (no second pass)."""
+    from loop.audio import SAMPLE_RATE
+    from loop.prepare import Record, pack_groups
 
-    class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>
+    class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>; counts its calls
+        calls = 0
+
         def __call__(self, text):
+            self.calls += 1
             return type("Encoded", (), {"input_ids": [0, *text.split(), 0]})
 
+    def records(durations, texts):
+        return [Record(text=text, origin=f"row {i}", source=None, kept={}, ids=[0, *text.split(), 0],
+                       waveform=np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32))
+                for i, (seconds, text) in enumerate(zip(durations, texts))]
+
+    def positions(groups, rows):
+        return [[rows.index(member) for member in members] for members, _ in groups]
+
     texts = ["a b", "c", "d e f", "g", "h i"]
-    groups = pack_groups([0, 1, 2, 3, 4], [1.0] * 5, texts, WordTokenizer(), 30.0, max_label_length=6)
-    assert groups == [[0, 1], [2, 3], [4]]
-    assert pack_groups([0, 2, 4], [10.0, 1.0, 25.0, 1.0, 4.0], texts, WordTokenizer(), 30.0, 100) == [[0], [2, 4]]
+    rows, tokenizer = records([1.0] * 5, texts), WordTokenizer()
+    groups = pack_groups(rows, tokenizer, 30.0, max_label_length=6)
+    assert positions(groups, rows) == [[0, 1], [2, 3], [4]]
+    assert [ids for _, ids in groups] == [[0, "a", "b", "c", 0], [0, "d", "e", "f", "g", 0], [0, "h", "i", 0]]
+    assert tokenizer.calls == 4  # one per row that tried to join a group, none again for the packed groups
+    rows = records([10.0, 25.0, 4.0], [texts[0], texts[2], texts[4]])  # rows 0, 2 and 4 of five
+    assert positions(pack_groups(rows, WordTokenizer(), 30.0, 100), rows) == [[0], [1, 2]]
 
 
 def test_bad_rows_are_counted_and_never_packed(broken_corpus, processor, max_target_positions, tmp_path):
