@@ -68,6 +68,15 @@ class DataConfig:
     """Evaluate at most this many utterances of the selection slice and of the held-out split (0: all)."""
     max_duration_s: float = 30.0
     """Drop clips longer than this many seconds (never more than the model's input window)."""
+    min_duration_s: float = 0.5
+    """Clips shorter than this are implausible (a 300-byte MP3 decodes to 72 ms); Common Voice's recorder has never
+    kept a take under 0.8 s. Training skips implausible rows, evaluation keeps and flags them. 0: no minimum."""
+    min_chars_per_second: float = 0.5
+    """Transcripts slower than this (characters, spaces included, per second of audio) are implausible: reading
+    runs 8-20/s, silence around a one-word sentence takes a real row to about 1; 0.5 means text is missing. 0: off."""
+    max_chars_per_second: float = 40.0
+    """Transcripts faster than this are implausible (a cut clip, another row's text): twice the fast end of reading
+    (20/s), and silence only lowers a row's rate."""
     pack_to_seconds: float = 0.0
     """Training rows only: join consecutive utterances into one row of at most this many seconds (30 fills
     Whisper's window, as distil-whisper trains), so a step sees several utterances per row; 0 keeps one utterance
@@ -327,6 +336,12 @@ def validate(config: RunConfig) -> list[str]:
         problems.append(f"data.num_proc must be >= 1, got {d.num_proc}")
     if not 0 < d.max_duration_s <= 30:
         problems.append(f"data.max_duration_s must be in (0, 30], got {d.max_duration_s}")
+    if not 0 <= d.min_duration_s < d.max_duration_s:
+        problems.append(f"data.min_duration_s must be 0 (off) or below data.max_duration_s ({d.max_duration_s:g}), "
+                        f"got {d.min_duration_s}")
+    if not 0 <= d.min_chars_per_second < d.max_chars_per_second:
+        problems.append(f"data.min_chars_per_second ({d.min_chars_per_second:g}) must be 0 (off) or more and below "
+                        f"data.max_chars_per_second ({d.max_chars_per_second:g})")
     if not 0 <= d.pack_to_seconds <= 30:
         problems.append(f"data.pack_to_seconds must be 0 (off) or in (0, 30], got {d.pack_to_seconds}")
 

@@ -1,5 +1,8 @@
 """A run's data: the configured source's splits read, the speaker-disjoint selection slice cut from the training
-rows, and train, selection and test prepared (loop/prepare.py) into one `PreparedData` with a report per split."""
+rows, and train, selection and test prepared (loop/prepare.py) into one `PreparedData` with a report per split.
+
+Training rows (train and the selection slice) must be plausible: implausible ones are skipped and counted. The
+held-out split keeps them, flagged, so its WER is measured on the same utterances as published figures."""
 
 from __future__ import annotations
 
@@ -65,6 +68,9 @@ def prepare_settings(data: DataConfig, max_label_length: int) -> dict:
     return {
         "max_duration_s": data.max_duration_s,
         "max_label_length": max_label_length,
+        "min_duration_s": data.min_duration_s,
+        "min_chars_per_second": data.min_chars_per_second,
+        "max_chars_per_second": data.max_chars_per_second,
         "num_proc": data.num_proc,
         "cache_dir": data.cache_dir,
     }
@@ -100,11 +106,11 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
              if prepare_train else train_rows)
     if config.eval.select_on == "test":
         # One table and one report: the test split's rows (and its read-time skips) are the selection's.
-        test = selection = prepare(test_rows, fe, tok, reports["test"], **common)
+        test = selection = prepare(test_rows, fe, tok, reports["test"], keep_implausible=True, **common)
         reports["selection"] = reports["test"]
     else:
         selection = prepare(selection_rows, fe, tok, reports["selection"], **common)
-        test = prepare(test_rows, fe, tok, reports["test"], **common)
+        test = prepare(test_rows, fe, tok, reports["test"], keep_implausible=True, **common)
     if prepare_train and len(train) == 0:
         raise DataError(f"no usable training utterances ({reports['train'].summary()})")
     return PreparedData(train, selection, test, selection_split, reports)
@@ -118,6 +124,6 @@ def build_eval_split(config: RunConfig, processor, max_label_length: int, split:
     report.read = sum(report.skips.counts.values())
     if config.data.max_eval_samples:
         rows = rows.select(range(min(config.data.max_eval_samples, len(rows))))
-    table = prepare(rows, processor.feature_extractor, processor.tokenizer, report,
+    table = prepare(rows, processor.feature_extractor, processor.tokenizer, report, keep_implausible=True,
                     **prepare_settings(config.data, max_label_length))
     return table, report

@@ -4,6 +4,9 @@ Preparation runs as a batched `datasets.map` (with `num_proc` workers) into an A
 fingerprint of the inputs (rows, clip sizes and times) and of the settings (feature extractor, tokenizer, limits):
 a second run with the same inputs reuses the file instead of decoding the audio again. Rows that cannot be used
 are kept through the map with a `skip_reason`, then counted and dropped, so one bad clip never ends a preparation.
+Implausible rows (too little audio, or a transcript too fast or too slow for it: a truncated clip, a mismatched
+transcript) are skipped the same way in training splits; evaluation keeps them, flagged in an `implausible` column,
+so its WER stays comparable with published figures on the same split.
 
 Inside a map batch each row is one `Record`: `check_row` decodes and tokenizes it or says why it is skipped,
 `pack_groups` and `join_rows` join consecutive usable rows (with `pack_to_seconds`), and `output_columns` writes the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,16 +28,17 @@ import torch
 
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio
 from loop.features import log_mel_features
-from loop.sources import SkipLog, strict_error
+from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
 
-PREP_VERSION = 3  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 4  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 
 
 @dataclass
 class SplitReport:
-    """What happened to one split's rows: how many were read and kept, and why the others were skipped."""
+    """What happened to one split's rows: how many were read and kept, why the others were skipped, and which kept
+    rows are flagged as implausible."""
 
     name: str
     read: int = 0
@@ -41,16 +46,24 @@ class SplitReport:
     skips: SkipLog = field(default_factory=SkipLog)
     windows: int = 0
     """Rows the kept utterances were packed into (0: not packed, one row per utterance)."""
+    implausible: int = 0
+    """Kept rows flagged as implausible (evaluation splits only: training splits skip such rows)."""
+    implausible_messages: list[str] = field(default_factory=list)
+    """The first of their flags, each naming the file and row (at most MAX_MESSAGES_PER_REASON)."""
 
     def as_dict(self) -> dict:
+        flagged = {"implausible": self.implausible, "implausible_messages": self.implausible_messages}
         return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
-                **self.skips.as_dict()}
+                **self.skips.as_dict(), **(flagged if self.implausible else {})}
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
         examples = [f"\n    {message}" for messages in self.skips.messages.values() for message in messages[:3]]
+        examples += [f"\n    flagged: {message}" for message in self.implausible_messages[:3]]
         packed = f" (packed into {self.windows} windows)" if self.windows else ""
-        return f"{self.name}: {self.kept} of {self.read} utterances kept{packed}; skipped: {skipped}" + "".join(examples)
+        flagged = f"; flagged as implausible (kept): {self.implausible}" if self.implausible else ""
+        return (f"{self.name}: {self.kept} of {self.read} utterances kept{packed}; skipped: {skipped}{flagged}"
+                + "".join(examples))
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,28 @@ class RowChecks:
     """Longest audio, in seconds (never more than the model's window)."""
     max_label_length: int
     """Most label tokens, prefix and `<|endoftext|>` included (the decoder's `max_target_positions`)."""
+    min_duration_s: float = 0.0
+    """Less audio than this is implausible (`data.min_duration_s`)."""
+    min_chars_per_second: float = 0.0
+    """A slower transcript is implausible (`data.min_chars_per_second`)."""
+    max_chars_per_second: float = math.inf
+    """A faster transcript is implausible (`data.max_chars_per_second`)."""
+    keep_implausible: bool = False
+    """Evaluation: keep an implausible row, flagged in the `implausible` column, instead of skipping it."""
+
+    def implausibility(self, text: str, duration: float) -> tuple[str, str] | None:
+        """(reason, message) when `duration` seconds of audio cannot plausibly hold the transcript `text`; the rate
+        counts the transcript's characters as written (spaces and punctuation included)."""
+        if duration < self.min_duration_s:
+            return ("implausible_duration",
+                    f"{duration:.3g} s of audio is under the {self.min_duration_s:g} s minimum (data.min_duration_s)")
+        rate = len(text) / duration
+        if not self.min_chars_per_second <= rate <= self.max_chars_per_second:
+            return ("implausible_rate",
+                    f"{len(text)} characters in {duration:.3g} s of audio is {rate:.1f} per second, outside "
+                    f"{self.min_chars_per_second:g}-{self.max_chars_per_second:g} (data.min_chars_per_second, "
+                    "data.max_chars_per_second): is the transcript this clip's?")
+        return None
 
 
 @dataclass(eq=False)  # a row in flight, compared by identity: `pack_batch` finds a group by its first row
@@ -84,6 +119,8 @@ class Record:
     """Short key the row is counted under when it cannot be used (`too_long`, ...); empty for a usable row."""
     skip_message: str = ""
     """`<origin>: what is wrong`, for the split's report."""
+    implausible: str = ""
+    """`<origin>: what is implausible` for a row kept although implausible (evaluation); empty when plausible."""
     utterances: int = 1
     """How many utterances the row holds (more than 1 once packed)."""
 
@@ -104,7 +141,8 @@ class Record:
 
 def check_row(record: Record, tokenizer, checks: RowChecks) -> None:
     """Decodes the row's audio and tokenizes its transcript, or gives it the first skip reason that applies: an
-    audio error, an empty transcript, audio over `max_duration_s`, labels over `max_label_length`."""
+    audio error, an empty transcript, audio over `max_duration_s`, labels over `max_label_length`, then an
+    implausible row (`RowChecks.implausibility`), which `keep_implausible` keeps and flags instead."""
     try:
         if not record.source:
             raise AudioError("missing_clip", "no audio given")
@@ -118,7 +156,11 @@ def check_row(record: Record, tokenizer, checks: RowChecks) -> None:
     ids = tokenizer(record.text).input_ids
     if len(ids) > checks.max_label_length:
         return record.skip("labels_too_long", f"{len(ids)} label tokens, more than the model's {checks.max_label_length}")
+    problem = checks.implausibility(record.text, record.duration)
+    if problem and not checks.keep_implausible:
+        return record.skip(*problem)
     record.ids = ids
+    record.implausible = f"{record.origin}: {problem[1]}" if problem else ""
 
 
 def pack_groups(records: list[Record], tokenizer, pack_to_seconds: float,
@@ -156,6 +198,7 @@ def join_rows(members: list[Record], ids: list[int]) -> Record:
         kept={name: " + ".join(str(member.kept[name] or "") for member in members) for name in members[0].kept},
         waveform=np.concatenate([member.waveform for member in members]),
         ids=ids,
+        implausible="; ".join(member.implausible for member in members if member.implausible),
         utterances=len(members),
     )
 
@@ -185,6 +228,7 @@ def output_columns(records: list[Record], feature_extractor) -> dict:
         "utterances": [record.utterances for record in records],
         "skip_reason": [record.skip_reason for record in records],
         "skip_message": [record.skip_message for record in records],
+        "implausible": [record.implausible for record in records],
         **{name: [record.kept[name] for record in records] for name in KEPT_COLUMNS if name != "text"},
         "text": [record.text for record in records],
     }
@@ -220,12 +264,17 @@ def prepare(
     num_proc: int = 1,
     cache_dir: str | Path = "",
     pack_to_seconds: float = 0.0,
+    min_duration_s: float = 0.0,
+    min_chars_per_second: float = 0.0,
+    max_chars_per_second: float = math.inf,
+    keep_implausible: bool = False,
 ) -> datasets.Dataset:
     """Decodes, extracts features and tokenizes `utterances`; returns only the usable rows.
 
     Columns of the result: `input_features` (n_mels, n_frames) float32, `labels` (token ids, with Whisper's
     prefix `<|startoftranscript|><|lang|><|task|><|notimestamps|>` and `<|endoftext|>`), `duration` (seconds),
-    `utterances` (how many utterances the row holds), and `id`, `audio_path`, `text`, `client_id` for reports.
+    `utterances` (how many utterances the row holds), `implausible` (empty, or why the row is implausible: only
+    with `keep_implausible`, else such rows are skipped), and `id`, `audio_path`, `text`, `client_id` for reports.
 
     With `pack_to_seconds`, consecutive usable utterances are joined into one row while their audio fits that many
     seconds and their joined transcript fits `max_label_length` tokens (see `pack_groups`); a packed row's `id`,
@@ -233,7 +282,9 @@ def prepare(
     """
     n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
     checks = RowChecks(max_duration_s=min(max_duration_s, feature_extractor.chunk_length),
-                       max_label_length=max_label_length)
+                       max_label_length=max_label_length, min_duration_s=min_duration_s,
+                       min_chars_per_second=min_chars_per_second, max_chars_per_second=max_chars_per_second,
+                       keep_implausible=keep_implausible)
     pack_to_seconds = min(pack_to_seconds, feature_extractor.chunk_length)
     fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
@@ -246,6 +297,7 @@ def prepare(
             "utterances": datasets.Value("int32"),
             "skip_reason": datasets.Value("string"),
             "skip_message": datasets.Value("string"),
+            "implausible": datasets.Value("string"),
             **{name: datasets.Value("string") for name in KEPT_COLUMNS},
         }
     )
@@ -279,7 +331,10 @@ def prepare(
     report.kept = sum(counts) - len(bad)  # a skipped row is one utterance
     kept = [i for i, reason in enumerate(reasons) if not reason]
     report.windows = len(kept) if pack_to_seconds else 0
-    return prepared.select(kept)
+    table = prepared.select(kept)
+    flags = [flag for flag in table["implausible"] if flag]
+    report.implausible, report.implausible_messages = len(flags), flags[:MAX_MESSAGES_PER_REASON]
+    return table
 
 
 def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, checks: RowChecks,

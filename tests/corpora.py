@@ -2,7 +2,7 @@
 `add_bad_rows`, behind the `broken_corpus` fixture (tests/conftest.py) and tests/test_bad_corpus.py.
 
 A case is named `reason` or `reason:variant`, after the skip reason its row is counted under: `kept:...` rows are
-odd but usable.
+odd but usable, and `implausible_duration` is skipped in training splits and kept, flagged, in evaluation.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ CASES = {
     "bad_tsv_row:invalid_utf8": "a transcript that is not UTF-8",
     "kept:truncated_mp3": "a shipped clip cut to 3,000 bytes: whole MP3 frames, 0.74 s, decodes fine",
     "kept:stereo_8k": "a 2-s stereo WAV at 8 kHz, mixed down and resampled",
+    "implausible_duration": "a shipped clip cut to 300 bytes: 72 ms of audio under a three-word transcript",
 }
 SKIPPED = ("missing_clip", "empty_audio", "unreadable_audio", "too_long", "empty_transcript", "labels_too_long",
            "duplicate_row", "bad_tsv_row:extra_field", "bad_tsv_row:empty_path", "bad_tsv_row:invalid_utf8")
@@ -63,13 +64,23 @@ class BadCorpus:
 
     @property
     def skips(self) -> dict[str, int]:
-        """Skip counts by reason after preparation (with the tiny models: 5-s window, 256 label tokens)."""
+        """Skip counts by reason after preparation for training (with the tiny models: 5-s window, 256 tokens)."""
         return dict(Counter(reason(case) for case in self.cases if reason(case)))
 
     @property
     def read_skips(self) -> dict[str, int]:
         """Skip counts by reason after reading a split file (before any audio is decoded)."""
         return {name: count for name, count in self.skips.items() if name in READ_REASONS}
+
+    @property
+    def flagged(self) -> int:
+        """Rows that a training split skips as implausible and an evaluation split keeps, flagged."""
+        return sum(reason(case).startswith("implausible") for case in self.cases)
+
+    @property
+    def eval_skips(self) -> dict[str, int]:
+        """Skip counts by reason after preparation for evaluation, which keeps implausible rows."""
+        return {name: count for name, count in self.skips.items() if not name.startswith("implausible")}
 
     @property
     def total(self) -> int:
@@ -152,4 +163,7 @@ def _case_row(case: str, clips: Path, template: list[str], first_good: bytes, lo
     if case == "kept:stereo_8k":
         _tone(clips / "stereo8k.wav", 2.0, 8000, channels=2)
         return _row(template, "stereo8k.wav", "दो चैनल की आवाज़।")
+    if case == "implausible_duration":
+        (clips / "cut300.mp3").write_bytes(shipped[:300])
+        return _row(template, "cut300.mp3", "आधी कटी फ़ाइल।")
     raise ValueError(f"unknown bad-row case {case!r} (cases: {', '.join(CASES)})")

@@ -1,5 +1,6 @@
-"""Preparation: features, labels and durations; bad rows counted by reason; the `.map` cache; parallel workers;
-the speaker-disjoint selection slice; build_datasets and scripts/prepare_data.py."""
+"""Preparation: features, labels and durations; bad rows counted by reason; implausible rows skipped in training
+and flagged in evaluation; the `.map` cache; parallel workers; the speaker-disjoint selection slice; build_datasets
+and scripts/prepare_data.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from conftest import PROJECT
 
 import loop.prepare
-from loop.config import DataConfig, load_config
+from loop.config import ConfigError, DataConfig, load_config
 from loop.data import build_datasets, build_eval_split, speaker_disjoint_slice
 from loop.prepare import SplitReport, prepare
 from loop.sources import (
@@ -27,6 +28,7 @@ from loop.sources import (
     load_utterances,
     read_common_voice_split,
 )
+from tests.corpora import add_bad_rows
 
 PREFIX = ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
 
@@ -91,6 +93,19 @@ def test_the_shipped_corpus_prepares_with_nothing_skipped(prepared_corpus):
     train_speakers, selection_speakers = set(prepared_corpus.train["client_id"]), set(prepared_corpus.selection["client_id"])
     assert train_speakers and selection_speakers and not train_speakers & selection_speakers
     assert len(train_speakers | selection_speakers) == 8
+
+
+def test_no_shipped_row_is_implausible_and_the_defaults_leave_room(prepared_corpus):
+    """The default limits flag no row of the shipped corpus, and not narrowly: its clips last 1.15-3.84 s and read
+    at 7.2-15.4 characters per second, against a 0.5-s minimum and a 0.5-40 range."""
+    defaults = DataConfig()
+    assert all(report.implausible == 0 for report in prepared_corpus.reports.values())
+    for split in ("train", "selection", "test"):
+        table = getattr(prepared_corpus, split)
+        assert set(table["implausible"]) == {""}
+        rates = [len(text) / seconds for text, seconds in zip(table["text"], table["duration"])]
+        assert min(table["duration"]) > 2 * defaults.min_duration_s
+        assert 10 * defaults.min_chars_per_second < min(rates) and max(rates) < defaults.max_chars_per_second / 2
 
 
 def test_features_are_80_by_500_float32_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
@@ -166,6 +181,62 @@ def test_strict_mode_stops_at_a_bad_clip_with_its_row(corpus_copy, processor, ma
     lenient = build_datasets(quickstart(tmp_path, f"--data.path={folder}", "--data.selection_size=4"), processor,
                              max_target_positions)
     assert dict(lenient.reports["train"].skips.counts) == {"missing_clip": 1}
+
+
+# --- implausible rows ---------------------------------------------------------------------------------------
+
+def test_a_truncated_clip_is_skipped_in_training_and_flagged_in_the_test_split(corpus_copy, processor,
+                                                                               max_target_positions, tmp_path):
+    """A shipped clip cut to 300 bytes (72 ms) under a three-word transcript, in train.tsv and in test.tsv."""
+    corpus = add_bad_rows(corpus_copy(train=8, dev=0, test=8), ["implausible_duration"], splits=["train", "test"])
+    line = corpus.rows["implausible_duration"]
+    why = "0.072 s of audio is under the 0.5 s minimum (data.min_duration_s)"
+    data = build_datasets(quickstart(tmp_path, f"--data.path={corpus.path}", "--data.selection_size=2"), processor,
+                          max_target_positions)
+    train, selection, test = (data.reports[name] for name in ("train", "selection", "test"))
+    skipped = train.skips.counts + selection.skips.counts
+    assert dict(skipped) == {"implausible_duration": 1} and train.kept + selection.kept == 8
+    assert [*train.skips.messages.values(), *selection.skips.messages.values()] == [[f"train.tsv row {line}: {why}"]]
+    assert "cut300" not in [*data.train["id"], *data.selection["id"]] and not train.implausible + selection.implausible
+    assert (test.read, test.kept, dict(test.skips.counts)) == (9, 9, {})  # kept: the test split is the published one
+    flag = f"test.tsv row {line}: {why}"
+    assert [(i, f) for i, f in zip(data.test["id"], data.test["implausible"]) if f] == [("cut300", flag)]
+    assert (test.implausible, test.implausible_messages) == (1, [flag])
+    assert test.as_dict() == {"read": 9, "kept": 9, "skipped": {}, "messages": {}, "implausible": 1,
+                              "implausible_messages": [flag]}
+    assert test.summary() == f"test: 9 of 9 utterances kept; skipped: none; flagged as implausible (kept): 1\n    flagged: {flag}"
+    table, report = build_eval_split(quickstart(tmp_path, f"--data.path={corpus.path}"), processor,
+                                     max_target_positions)  # scripts/evaluate.py's split keeps and flags it too
+    assert len(table) == 9 and report.implausible_messages == [flag]
+
+
+def test_a_transcript_too_fast_or_too_slow_for_its_audio_is_implausible(small_utterances, processor, tmp_path):
+    """The rate check: four copies of a 2.4-s clip's sentence (54 characters per second) and a single letter for
+    a 2.8-s clip (0.4 per second), both within the label limit."""
+    texts = {5: " ".join([small_utterances[5]["text"]] * 4), 3: "क"}
+    utterances = small_utterances.map(lambda row, i: {"text": texts.get(i, row["text"])}, with_indices=True)
+    limits = {name: getattr(DataConfig(), name) for name in ("min_duration_s", "min_chars_per_second", "max_chars_per_second")}
+    trained, report = prepare_small(utterances, processor, tmp_path, **limits)
+    assert dict(report.skips.counts) == {"implausible_rate": 2} and len(trained) == report.kept == 14
+    messages = dict(zip(("slow", "fast"), report.skips.messages["implausible_rate"]))
+    assert messages["slow"] == ("test.tsv row 5: 1 characters in 2.78 s of audio is 0.4 per second, outside 0.5-40 "
+                                "(data.min_chars_per_second, data.max_chars_per_second): is the transcript this clip's?")
+    assert messages["fast"].startswith(f"test.tsv row 7: {len(texts[5])} characters in 2.42 s of audio is ")
+    evaluated, report = prepare_small(utterances, processor, tmp_path, keep_implausible=True, **limits)
+    assert len(evaluated) == report.kept == 16 and report.implausible == 2 and not report.skips.counts
+    assert [bool(flag) for flag in evaluated["implausible"]] == [i in texts for i in range(16)]
+    unchecked, report = prepare_small(utterances, processor, tmp_path)  # prepare()'s own defaults check nothing
+    assert len(unchecked) == 16 and not report.implausible
+
+
+def test_the_plausibility_options_are_checked():
+    with pytest.raises(ConfigError) as caught:
+        quickstart("", "--data.min_duration_s=-1", "--data.min_chars_per_second=50")
+    assert caught.value.problems == [
+        "data.min_duration_s must be 0 (off) or below data.max_duration_s (30), got -1.0",
+        "data.min_chars_per_second (50) must be 0 (off) or more and below data.max_chars_per_second (40)",
+    ]
+    quickstart("", "--data.min_duration_s=0", "--data.min_chars_per_second=0")  # 0 turns both lower limits off
 
 
 # --- the cache -----------------------------------------------------------------------------------------------
