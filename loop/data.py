@@ -16,7 +16,7 @@ import datasets
 from loop.config import DataConfig, RunConfig
 from loop.files import write_json_atomic
 from loop.prepare import SplitReport, prepare
-from loop.sources import DataError, SkipLog, load_utterances
+from loop.sources import DataError, SkipLog, load_utterances, split_location
 
 
 def speaker_disjoint_slice(utterances: datasets.Dataset, size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -76,12 +76,25 @@ def prepare_settings(data: DataConfig, max_label_length: int) -> dict:
     }
 
 
+def empty_training_splits(data: DataConfig, skips: SkipLog) -> str:
+    """The error for training splits without a single row: which files (or Hub splits) they are, and what to do."""
+    files = [split_location(data, split) for split in data.train_splits]
+    named = files[0] if len(files) == 1 else ", ".join(files[:-1]) + " and " + files[-1]
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(skips.counts.items()))
+    return (f"{named} {'holds' if len(files) == 1 else 'hold'} no usable rows"
+            + (f" (skipped while reading: {skipped})" if skipped else "")
+            + ": nothing to train on; point data.path at a release whose training splits have rows, "
+              "or name others in data.train_splits")
+
+
 def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_train: bool = True) -> PreparedData:
     """Reads and prepares train (minus the selection slice), selection and test, as the run config says."""
     data = config.data
     skips = {name: SkipLog(data.strict) for name in ("train", "selection", "test")}
     train_parts = [load_utterances(data, split, skips["train"]) for split in data.train_splits]
     train_rows = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
+    if len(train_rows) == 0:
+        raise DataError(empty_training_splits(data, skips["train"]))
     test_rows = load_utterances(data, data.eval_split, skips["test"])
     if data.max_eval_samples:
         test_rows = test_rows.select(range(min(data.max_eval_samples, len(test_rows))))

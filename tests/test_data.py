@@ -1,6 +1,6 @@
 """Preparation: features, labels and durations; bad rows counted by reason; implausible rows skipped in training
-and flagged in evaluation; the `.map` cache; parallel workers; the speaker-disjoint selection slice; build_datasets
-and scripts/prepare_data.py."""
+and flagged in evaluation; the `.map` cache; parallel workers; the speaker-disjoint selection slice; build_datasets,
+empty training splits, scripts/prepare_data.py and scripts/train.py's error for them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from loop.sources import (
     SkipLog,
     load_utterances,
     read_common_voice_split,
+    write_manifest,
 )
 from tests.corpora import add_bad_rows
 
@@ -346,6 +348,42 @@ def test_sample_limits_and_recipe_mode(processor, max_target_positions, tmp_path
     assert data.report_dict()["train"] == {"read": 6, "kept": 6, "skipped": {}, "messages": {}}
     table, report = build_eval_split(quickstart(tmp_path, "--data.max_eval_samples=5"), processor, max_target_positions, "dev")
     assert len(table) == report.kept == 5 and report.name == "dev"
+
+
+def test_empty_training_splits_are_named_by_file(corpus_copy, processor, max_target_positions, tmp_path):
+    folder = corpus_copy(train=0, dev=0, test=4)
+    expected = (f"{folder / 'train.tsv'} and {folder / 'dev.tsv'} hold no usable rows: nothing to train on; point "
+                "data.path at a release whose training splits have rows, or name others in data.train_splits")
+    with pytest.raises(DataError) as caught:
+        build_datasets(quickstart(tmp_path, f"--data.path={folder}"), processor, max_target_positions)
+    assert str(caught.value) == expected
+    (folder / "train.tsv").write_bytes((folder / "train.tsv").read_bytes() + b"\t".join([b"x"] * 14) + b"\n")
+    with pytest.raises(DataError, match=r"/train.tsv holds no usable rows \(skipped while reading: bad_tsv_row 1\)"):
+        build_datasets(quickstart(tmp_path, f"--data.path={folder}", "--data.train_splits=train"), processor,
+                       max_target_positions)
+    write_manifest(tmp_path / "manifests" / "train.csv", [])
+    write_manifest(tmp_path / "manifests" / "dev.csv", [])
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'manifests' / 'train.csv'} and "
+                                                        f"{tmp_path / 'manifests' / 'dev.csv'} hold no usable rows")):
+        build_datasets(quickstart(tmp_path, "--data.source=manifest", f"--data.path={tmp_path / 'manifests'}"),
+                       processor, max_target_positions)
+
+
+def test_train_script_says_the_training_splits_are_empty(corpus_copy, tmp_path, capsys):
+    from tests.eval_helpers import load_script as load_named_script
+    from tests.helpers import reset_accelerate
+
+    folder = corpus_copy(train=0, dev=0, test=4)
+    try:
+        code = load_named_script("train").main(["--config", "quickstart", "--data.path", str(folder),
+                                                f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_proc=1",
+                                                "--train.report_to=none", "--output_dir", str(tmp_path / "run")])
+    finally:
+        reset_accelerate()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {folder / 'train.tsv'} and {folder / 'dev.tsv'} hold no usable rows" in err
+    assert "selection_size" not in err
 
 
 def load_script():
