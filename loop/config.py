@@ -94,6 +94,15 @@ class DataConfig:
     """Evaluate at most this many utterances of the selection slice and of the held-out split (0: all)."""
     max_duration_s: Annotated[float, Range(low=0, high=30, low_open=True)] = 30.0
     """Drop clips longer than this many seconds (never more than the model's input window)."""
+    min_duration_s: Annotated[float, Range(low=0)] = 0.5
+    """Clips shorter than this are implausible (a 300-byte MP3 decodes to 72 ms); Common Voice's recorder has never
+    kept a take under 0.8 s. Training skips implausible rows, evaluation keeps and flags them. 0: no minimum."""
+    min_chars_per_second: Annotated[float, Range(low=0)] = 0.5
+    """Transcripts slower than this (characters, spaces included, per second of audio) are implausible: reading
+    runs 8-20/s, silence around a one-word sentence takes a real row to about 1; 0.5 means text is missing. 0: off."""
+    max_chars_per_second: Annotated[float, Range(low=0, low_open=True)] = 40.0
+    """Transcripts faster than this are implausible (a cut clip, another row's text): twice the fast end of reading
+    (20/s), and silence only lowers a row's rate."""
     pack_to_seconds: Annotated[float, Range(low=0, high=30)] = 0.0
     """Training rows only: join consecutive utterances into one row of at most this many seconds (30 fills
     Whisper's window, as distil-whisper trains), so a step sees several utterances per row; 0 keeps one utterance

@@ -176,6 +176,12 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("data.dataset_name is required for data.source=hub (e.g. google/fleurs)")
     if not d.train_splits:
         problems.append("data.train_splits must name at least one split")
+    if d.min_duration_s >= d.max_duration_s:
+        problems.append(f"data.min_duration_s must be 0 (off) or below data.max_duration_s ({d.max_duration_s:g}), "
+                        f"got {d.min_duration_s}")
+    if d.min_chars_per_second >= d.max_chars_per_second:
+        problems.append(f"data.min_chars_per_second ({d.min_chars_per_second:g}) must be 0 (off) or more and below "
+                        f"data.max_chars_per_second ({d.max_chars_per_second:g})")
     problems += field_problems(config, "model")
     language = m.language.lower()
     if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:

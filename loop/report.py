@@ -1,7 +1,8 @@
 """Evaluation outputs for people: per-utterance predictions (JSONL), an error-analysis report (Markdown) and a
 self-contained HTML page with the audio, for one model or two compared on the same utterances.
 
-A prediction row is `{"index", "id", "audio_path", "reference", "hypothesis", "wer", "cer", "duration"}`; error
+A prediction row is `{"index", "id", "audio_path", "reference", "hypothesis", "wer", "cer", "duration",
+"implausible"}` (`implausible`: empty, or why preparation flagged the row; it is evaluated all the same); error
 rates are percentages on the text as written (per utterance here, corpus-level in the summaries), with the
 conventions of `loop.metrics`.
 """
@@ -21,6 +22,7 @@ DURATION_BUCKETS = (("< 2 s", 0.0, 2.0), ("2-5 s", 2.0, 5.0), ("5-10 s", 5.0, 10
                     ("20-30 s", 20.0, 30.0), (">= 30 s", 30.0, float("inf")))
 TOP_ERRORS = 15  # rows in each of the substitution, deletion and insertion tables
 TOP_DIFFERENCES = 10  # utterances shown where two models differ most
+TOP_FLAGGED = 20  # implausible utterances listed in report.md (predictions.jsonl has them all)
 DEFAULT_HTML_AUDIO_MB = 50.0  # clips embedded in report.html, in MB of files (base64 makes the page 4/3 of that)
 AUDIO_MIME_TYPES = {".mp3": "audio/mpeg", ".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 SUMMARY_FIELDS = (  # (key in metrics.json, label)
@@ -28,6 +30,7 @@ SUMMARY_FIELDS = (  # (key in metrics.json, label)
     ("split", "split"),
     ("num_utterances", "utterances"),
     ("num_skipped", "skipped by data preparation"),
+    ("num_implausible", "flagged as implausible (kept)"),
     ("wer", "WER %"),
     ("cer", "CER %"),
     ("normalized_wer", "normalized WER %"),
@@ -41,8 +44,9 @@ SUMMARY_FIELDS = (  # (key in metrics.json, label)
 
 def utterance_rows(predictions: Sequence[dict], table) -> list[dict]:
     """`evaluate()`'s predictions (`index`, `reference`, `hypothesis`) joined with their rows of the prepared
-    `table` (`id`, `audio_path`, `duration`), with per-utterance WER and CER."""
-    columns = table.select_columns(["id", "audio_path", "duration"])
+    `table` (`id`, `audio_path`, `duration`, and `implausible` where the table has it), with per-utterance WER and
+    CER."""
+    columns = table.select_columns([c for c in ("id", "audio_path", "duration", "implausible") if c in table.column_names])
     rows = []
     for prediction in predictions:
         source = columns[int(prediction["index"])]
@@ -56,6 +60,7 @@ def utterance_rows(predictions: Sequence[dict], table) -> list[dict]:
             "wer": wer,
             "cer": cer,
             "duration": round(float(source["duration"]), 3),
+            "implausible": source.get("implausible", ""),
         })
     return rows
 
@@ -178,6 +183,21 @@ def _differences_table(rows: Sequence[dict], compare: Sequence[dict]) -> list[st
     return _md_table(["id", "reference", "hypothesis A", "WER A", "hypothesis B", "WER B"], body)
 
 
+def _flagged_section(rows: Sequence[dict]) -> list[str]:
+    """The utterances preparation flagged as implausible, if any: kept in every rate, listed to be checked."""
+    flagged = [row for row in rows if row.get("implausible")]
+    if not flagged:
+        return []
+    shown = f" (the first {TOP_FLAGGED}; predictions.jsonl has them all)" if len(flagged) > TOP_FLAGGED else ""
+    lines = ["## Flagged as implausible", "",
+             f"{len(flagged)} of {len(rows)} utterances have too little audio, or a transcript too fast or too slow for "
+             "their audio (data.min_duration_s, data.min_chars_per_second, data.max_chars_per_second). They are kept "
+             f"in every rate above, so the split is the published one; a truncated clip or a mismatched transcript "
+             f"among them costs WER no model can win back{shown}.", ""]
+    body = [[row["id"], row["duration"], row["reference"], row["wer"], row["implausible"]] for row in flagged[:TOP_FLAGGED]]
+    return [*lines, *_md_table(["id", "seconds", "reference", "WER %", "why"], body), ""]
+
+
 def write_report_md(path: str | Path, summary: dict, predictions: Sequence[dict],
                     compare: Sequence[dict] | None = None) -> Path:
     """The report: summary, WER by duration bucket, the most frequent word errors, and with `compare` (model B's
@@ -190,6 +210,7 @@ def write_report_md(path: str | Path, summary: dict, predictions: Sequence[dict]
     lines += ["## Summary", "", *_summary_table(summary), ""]
     lines += ["Rates are corpus-level percentages; the normalized ones after removing punctuation and case "
               "(Devanagari vowel signs are kept).", ""]
+    lines += _flagged_section(predictions)
     lines += ["## WER by duration", "", *_bucket_table(predictions, compare), ""]
     lines += ["## Word errors", "", *_error_tables(predictions, " (A)" if compare is not None else ""), ""]
     if compare is not None:

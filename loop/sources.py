@@ -29,6 +29,11 @@ class DataError(ValueError):
     strict mode."""
 
 
+def strict_error(reason: str, message: str) -> DataError:
+    """The error for the first bad row when `data.strict` is on: the row's message, its reason and the way out."""
+    return DataError(f"{message} [{reason}] (data.strict is on; turn it off to skip and count bad rows)")
+
+
 class SkipLog:
     """Counts skipped rows by reason and keeps the first messages for each; raises in strict mode."""
 
@@ -39,7 +44,7 @@ class SkipLog:
 
     def add(self, reason: str, message: str) -> None:
         if self.strict:
-            raise DataError(f"{message} [{reason}] (data.strict is on; turn it off to skip and count bad rows)")
+            raise strict_error(reason, message)
         self.counts[reason] += 1
         kept = self.messages.setdefault(reason, [])
         if len(kept) < MAX_MESSAGES_PER_REASON:
@@ -254,10 +259,24 @@ def _manifest_records(manifest: Path, skips: SkipLog) -> list[tuple[int, dict]]:
     return records
 
 
+def hub_split_label(config: DataConfig, split: str) -> str:
+    """`google/fleurs (hi_in) split 'train'`, for messages."""
+    return config.dataset_name + (f" ({config.dataset_config})" if config.dataset_config else "") + f" split {split!r}"
+
+
+def split_location(config: DataConfig, split: str) -> str:
+    """Where one split's rows come from, for messages: its TSV or manifest file, or the Hub dataset and split."""
+    if config.source == "common_voice":
+        return str(find_common_voice_dir(config.path, config.locale) / f"{split}.tsv")
+    if config.source == "manifest":
+        return str(find_manifest(config.path, split))
+    return hub_split_label(config, split)
+
+
 def load_hub_split(config: DataConfig, split: str) -> datasets.Dataset:
     """One split of a Hub dataset (or a local dataset folder), mapped to the utterance table without decoding."""
     name = config.dataset_name
-    label = f"{name}" + (f" ({config.dataset_config})" if config.dataset_config else "") + f" split {split!r}"
+    label = hub_split_label(config, split)
     try:
         dataset = datasets.load_dataset(
             name, config.dataset_config or None, split=split, revision=config.dataset_revision or None

@@ -17,11 +17,12 @@ from accelerate import Accelerator
 from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.config import RunConfig
 from loop.config_loading import parse_overrides
-from loop.data import SplitReport, build_eval_split
+from loop.data import build_eval_split
 from loop.evaluation import EvalResult, evaluate
 from loop.files import write_json_atomic
 from loop.loaders import eval_dataloader
 from loop.model import load_for_inference
+from loop.prepare import SplitReport
 from loop.report import (
     DEFAULT_HTML_AUDIO_MB,
     utterance_rows,
@@ -77,7 +78,8 @@ def decoding_settings(model) -> dict:
 
 def summary_metrics(name: str, split: str, result: EvalResult, report: SplitReport, model,
                     accelerator: Accelerator) -> dict:
-    """What metrics.json says about one model: the rates, the rows skipped by preparation and why, the decoding."""
+    """What metrics.json says about one model: the rates, the rows skipped by preparation and why, the rows it kept
+    but flagged as implausible, the decoding."""
     return {
         "model": name,
         "split": split,
@@ -86,6 +88,8 @@ def summary_metrics(name: str, split: str, result: EvalResult, report: SplitRepo
         "num_skipped": sum(report.skips.counts.values()),
         "skipped": dict(report.skips.counts),
         "skip_messages": report.skips.messages,
+        "num_implausible": report.implausible,
+        "implausible_messages": report.implausible_messages,
         "seconds": result.seconds,
         "decoding": decoding_settings(model),
         "mixed_precision": accelerator.mixed_precision,
@@ -192,6 +196,7 @@ def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluat
 
 def summary_line(metrics: dict) -> str:
     skipped = f", {metrics['num_skipped']} skipped" if metrics.get("num_skipped") else ""
+    skipped += f", {metrics['num_implausible']} flagged as implausible" if metrics.get("num_implausible") else ""
     return (f"{metrics['model']} on {metrics['split']} ({metrics['num_utterances']} utterances{skipped}): "
             f"WER {metrics['wer']:.2f}  CER {metrics['cer']:.2f}  normalized WER {metrics['normalized_wer']:.2f}  "
             f"normalized CER {metrics['normalized_cer']:.2f}  ({metrics['seconds']:.1f} s)")

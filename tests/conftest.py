@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.corpora import SKIPPED, BadCorpus, add_bad_rows
 
 # Before anything imports `datasets` or `huggingface_hub`: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,91 +95,14 @@ def corpus_copy(tmp_path, corpus_dir):
     return make
 
 
-@dataclass
-class BrokenCorpus:
-    """A corpus copy whose train.tsv mixes good rows with one row of every kind of bad input."""
-
-    path: Path
-    """The locale folder (train.tsv, dev.tsv, test.tsv, clips/)."""
-    good: int
-    """Good rows in train.tsv: all of them must be kept."""
-    read_skips: dict[str, int]
-    """Skip counts by reason after reading train.tsv (before any audio is decoded)."""
-    skips: dict[str, int]
-    """Skip counts by reason after preparation with the tiny model (5-s window, 256 label tokens)."""
-    rows: dict[str, int] = field(default_factory=dict)
-    """Line number in train.tsv (header = line 1) of each bad row, by the case it stands for."""
-    long_transcript: str = ""
-    """The transcript of the `labels_too_long` row."""
-
-    @property
-    def total(self) -> int:
-        return self.good + sum(self.skips.values())
-
-
-def _tone(path: Path, seconds: float, rate: int) -> None:
-    import numpy as np
-    import soundfile
-
-    t = np.arange(int(seconds * rate)) / rate
-    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32), rate)
-
-
 @pytest.fixture
-def broken_corpus(corpus_copy) -> BrokenCorpus:
+def broken_corpus(corpus_copy) -> BadCorpus:
     """12 good train rows, interleaved with a missing clip, a 0-byte file, random bytes, a 12-s WAV (over the tiny
     model's 5-s window), a blank transcript, a transcript over 256 label tokens, a duplicate row, a row with one
-    field too many, a row with an empty path and a row that is not UTF-8. dev.tsv is empty, test.tsv has 4 good rows.
+    field too many, a row with an empty path and a row that is not UTF-8 (tests/corpora.py). dev.tsv is empty,
+    test.tsv has 4 good rows.
     """
-    import random
-
-    folder = corpus_copy(train=12, dev=0, test=4)
-    clips = folder / "clips"
-    header, good = tsv_lines(folder, "train")
-    template = good[0].split("\t")
-
-    def row(clip: str, sentence: str, client: str = "bad-rows-speaker") -> bytes:
-        fields = list(template)
-        fields[0], fields[1], fields[3] = client, clip, sentence
-        return "\t".join(fields).encode("utf-8")
-
-    (clips / "zero.mp3").write_bytes(b"")
-    (clips / "garbage.mp3").write_bytes(random.Random(0).randbytes(4000))
-    _tone(clips / "long.wav", 12.0, 8000)
-    shutil.copy(clips / good[1].split("\t")[1], clips / "blank.mp3")
-    shutil.copy(clips / good[2].split("\t")[1], clips / "wordy.mp3")
-    sentences = (PROJECT / "assets" / "hindi_sentences.txt").read_text(encoding="utf-8").split()
-    wordy = " ".join(sentences[:400])  # a few hundred words: far over 256 label tokens
-    bad = {
-        "missing_clip": row("missing.mp3", "यह फ़ाइल कहीं नहीं है।"),
-        "empty_audio": row("zero.mp3", "यह फ़ाइल ख़ाली है।"),
-        "unreadable_audio": row("garbage.mp3", "यह फ़ाइल टूटी है।"),
-        "too_long": row("long.wav", "यह आवाज़ बहुत लंबी है।"),
-        "empty_transcript": row("blank.mp3", "   "),
-        "labels_too_long": row("wordy.mp3", wordy),
-        "duplicate_row": good[5].encode("utf-8"),
-        "bad_tsv_row:extra_field": row("extra.mp3", "एक खाना ज़्यादा।") + b"\textra",
-        "bad_tsv_row:empty_path": row("", "रास्ता ख़ाली है।"),
-        "bad_tsv_row:invalid_utf8": row("latin1.mp3", "caf_").replace(b"caf_", b"caf\xe9"),
-    }
-    lines, positions = [header.encode("utf-8")], {}
-    good_rows = iter(good)
-    for case, line in bad.items():  # bad rows between good ones, so row numbers are checked, not just counted
-        lines.append(next(good_rows).encode("utf-8"))
-        lines.append(line)
-        positions[case] = len(lines)
-    lines += [r.encode("utf-8") for r in good_rows]
-    (folder / "train.tsv").write_bytes(b"\n".join(lines) + b"\n")
-    read_skips = {"duplicate_row": 1, "bad_tsv_row": 3}
-    return BrokenCorpus(
-        path=folder,
-        good=len(good),
-        read_skips=read_skips,
-        skips={**read_skips, "missing_clip": 1, "empty_audio": 1, "unreadable_audio": 1, "too_long": 1,
-               "empty_transcript": 1, "labels_too_long": 1},
-        rows=positions,
-        long_transcript=wordy,
-    )
+    return add_bad_rows(corpus_copy(train=12, dev=0, test=4), SKIPPED, splits=["train"])
 
 
 # Fixtures of the training, fault, evaluation, demo and model card tests (kept apart from the corpus builders above).

@@ -1,72 +1,33 @@
 """A corpus folder with every kind of bad row: preparation for training and standalone evaluation both finish, all
-good rows are used, and each bad row is counted under its reason in the run's output. Also: a Hub token never
-reaches anything a run writes."""
+good rows are used, and each bad row is counted under its reason in the run's output; the implausible one (72 ms of
+audio) is skipped in training and kept, flagged, in every output of evaluation. Also: a Hub token never reaches
+anything a run writes."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import numpy as np
-import soundfile
-
+from tests.corpora import add_bad_rows
 from tests.helpers import PROJECT
 
-HEADER = ["client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
-          "gender", "accents", "variant", "locale", "segment"]
+CASES = ("kept:truncated_mp3", "kept:stereo_8k", "empty_audio", "too_long", "labels_too_long",
+         "bad_tsv_row:invalid_utf8", "duplicate_row", "missing_clip", "bad_tsv_row:extra_field",
+         "empty_transcript:no_sentence_field", "implausible_duration")
 GOOD = 10
-
-
-def build_bad_corpus(root, corpus_dir):
-    """train.tsv and test.tsv, each: 10 good rows of shipped clips and one row of every bad kind."""
-    folder = root / "cv-corpus-bad" / "hi"
-    clips = folder / "clips"
-    clips.mkdir(parents=True)
-    lines = (corpus_dir / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    good = [line.split("\t") for line in lines[:GOOD]]
-    for fields in good:
-        shutil.copy(corpus_dir / "clips" / fields[1], clips / fields[1])
-    sample = good[0]
-    # kept: a truncated MP3 still holds whole frames (soundfile decodes them), an 8 kHz stereo WAV is resampled
-    (clips / "truncated.mp3").write_bytes((corpus_dir / "clips" / good[1][1]).read_bytes()[:3000])
-    t = np.arange(8000 * 2) / 8000
-    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    soundfile.write(clips / "stereo8k.wav", np.stack([tone, tone], axis=1), 8000)
-    (clips / "zero.mp3").write_bytes(b"")
-    soundfile.write(clips / "long45.wav", np.zeros(16000 * 45, dtype=np.float32) + 0.01, 16000)
-    shutil.copy(corpus_dir / "clips" / good[2][1], clips / "longtext.mp3")
-    shutil.copy(corpus_dir / "clips" / good[3][1], clips / "nosentence.mp3")
-
-    def row(clip, sentence):
-        fields = list(sample)
-        fields[1], fields[3] = clip, sentence
-        return "\t".join(fields).encode()
-
-    bad = [
-        row("truncated.mp3", "कटी हुई फ़ाइल।"),  # kept
-        row("stereo8k.wav", "दो चैनल की आवाज़।"),  # kept
-        row("zero.mp3", "खाली फ़ाइल।"),  # empty_audio
-        row("long45.wav", "पैंतालीस सेकंड।"),  # too_long
-        row("longtext.mp3", "बहुत " * 400),  # 2,000 characters: labels_too_long
-        row("latin1.mp3", "x").replace(b"x", b"caf\xe9"),  # invalid UTF-8: bad_tsv_row
-        "\t".join(good[4]).encode(),  # duplicate row: duplicate_row
-        row("missing.mp3", "यह फ़ाइल नहीं है।"),  # missing_clip
-        ("\t".join(good[5][:1] + ["extra.mp3"] + good[5][2:] + ["extra", "columns"])).encode(),  # bad_tsv_row
-        "\t".join(sample[:1] + ["nosentence.mp3"]).encode(),  # missing columns: no sentence -> empty_transcript
-    ]
-    body = b"\n".join(["\t".join(HEADER).encode(), *["\t".join(f).encode() for f in good], *bad]) + b"\n"
-    for split in ("train", "test"):
-        (folder / f"{split}.tsv").write_bytes(body)
-    (folder / "dev.tsv").write_text("\t".join(HEADER) + "\n", encoding="utf-8")
-    return folder.parent
-
-
 EXPECTED_SKIPS = {"empty_audio": 1, "too_long": 1, "labels_too_long": 1, "bad_tsv_row": 2, "duplicate_row": 1,
                   "missing_clip": 1, "empty_transcript": 1}
+TRAINING_SKIPS = {**EXPECTED_SKIPS, "implausible_duration": 1}  # the 72-ms clip: skipped in training, flagged in test
 EXPECTED_KEPT = GOOD + 2  # the good rows, the truncated MP3 and the 8 kHz stereo WAV
+
+
+def build_bad_corpus(corpus_copy):
+    """train.tsv and test.tsv, each: 10 good rows of shipped clips and one row of each case (tests/corpora.py)."""
+    corpus = add_bad_rows(corpus_copy(train=GOOD, dev=0, test=GOOD), CASES, splits=["train", "test"])
+    assert (corpus.skips, corpus.eval_skips, corpus.flagged) == (TRAINING_SKIPS, EXPECTED_SKIPS, 1)
+    return corpus
 
 
 def run(*args, env=None):
@@ -75,9 +36,9 @@ def run(*args, env=None):
                           env=environment)
 
 
-def test_preparation_and_evaluation_finish_and_count_every_bad_row(tmp_path, corpus_dir, tiny_model_dir):
-    corpus = build_bad_corpus(tmp_path, corpus_dir)
-    common = [f"--data.path={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_proc=1"]
+def test_preparation_and_evaluation_finish_and_count_every_bad_row(tmp_path, corpus_copy, tiny_model_dir):
+    corpus = build_bad_corpus(corpus_copy)
+    common = [f"--data.path={corpus.path}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_proc=1"]
     prepared = run("scripts/prepare_data.py", "--config", "quickstart", "--output_dir", str(tmp_path / "prep"),
                    *common, "--data.train_splits=train", "--data.selection_size=1")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
@@ -86,20 +47,31 @@ def test_preparation_and_evaluation_finish_and_count_every_bad_row(tmp_path, cor
     for part in ("train", "selection"):
         for reason, count in report[part]["skipped"].items():
             train_and_selection[reason] = train_and_selection.get(reason, 0) + count
-    assert train_and_selection == EXPECTED_SKIPS
+    assert train_and_selection == TRAINING_SKIPS
     assert report["train"]["kept"] + report["selection"]["kept"] == EXPECTED_KEPT
-    assert report["test"]["skipped"] == EXPECTED_SKIPS and report["test"]["kept"] == EXPECTED_KEPT
+    assert report["test"]["skipped"] == EXPECTED_SKIPS and report["test"]["kept"] == EXPECTED_KEPT + 1
+    flag = (f"test.tsv row {corpus.rows['implausible_duration']}: 0.072 s of audio is under the 0.5 s minimum "
+            "(data.min_duration_s)")
+    assert report["test"]["implausible"] == 1 and report["test"]["implausible_messages"] == [flag]
     assert "missing.mp3: audio file not found" in prepared.stdout
+    assert "flagged as implausible (kept): 1" in prepared.stdout and f"flagged: {flag}" in prepared.stdout
 
     evaluated = run("scripts/evaluate.py", "--config", "quickstart", "--model", str(tiny_model_dir),
                     "--data.eval_split=test", "--output_dir", str(tmp_path / "eval"), *common,
                     "--eval.generation_max_length=8")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["num_utterances"] == EXPECTED_KEPT
+    assert metrics["num_utterances"] == EXPECTED_KEPT + 1  # the implausible row is evaluated, flagged
     assert metrics["num_skipped"] == sum(EXPECTED_SKIPS.values())
+    assert metrics["num_implausible"] == 1 and metrics["implausible_messages"] == [flag]
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == EXPECTED_KEPT
+    assert len(predictions) == EXPECTED_KEPT + 1
+    flagged = [row for row in map(json.loads, predictions) if row["implausible"]]
+    assert [(row["id"], row["implausible"]) for row in flagged] == [("cut300", flag)]
+    report_md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "| flagged as implausible (kept) | 1 |" in report_md and "## Flagged as implausible" in report_md
+    assert "| cut300 | 0.07 |" in report_md
+    assert "1 flagged as implausible" in evaluated.stdout
 
 
 def test_a_hub_token_is_never_written(tmp_path, tiny_model_dir):

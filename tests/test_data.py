@@ -1,26 +1,37 @@
-"""Preparation: features, labels and durations; bad rows counted by reason; the `.map` cache; parallel workers;
-the speaker-disjoint selection slice; build_datasets and scripts/prepare_data.py."""
+"""Preparation: features, labels and durations; bad rows counted by reason; implausible rows skipped in training
+and flagged in evaluation; the `.map` cache; parallel workers; the speaker-disjoint selection slice; build_datasets,
+empty training splits, scripts/prepare_data.py and scripts/train.py's error for them."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 from conftest import PROJECT
 
-import loop.data
-from loop.config import DataConfig
+from loop.config import ConfigError, DataConfig
 from loop.config_loading import load_config
-from loop.data import SplitReport, build_datasets, build_eval_split, prepare, speaker_disjoint_slice
-from loop.sources import UTTERANCE_FEATURES, DataError, SkipLog, load_utterances, read_common_voice_split
+from loop.data import build_datasets, build_eval_split, speaker_disjoint_slice
+from loop.prepare import SplitReport, prepare
+from loop.sources import (
+    UTTERANCE_FEATURES,
+    DataError,
+    SkipLog,
+    load_utterances,
+    read_common_voice_split,
+    write_manifest,
+)
+from tests.corpora import add_bad_rows
+from tests.helpers import load_script
 
 PREFIX = ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
 
@@ -85,6 +96,19 @@ def test_the_shipped_corpus_prepares_with_nothing_skipped(prepared_corpus):
     train_speakers, selection_speakers = set(prepared_corpus.train["client_id"]), set(prepared_corpus.selection["client_id"])
     assert train_speakers and selection_speakers and not train_speakers & selection_speakers
     assert len(train_speakers | selection_speakers) == 8
+
+
+def test_no_shipped_row_is_implausible_and_the_defaults_leave_room(prepared_corpus):
+    """The default limits flag no row of the shipped corpus, and not narrowly: its clips last 1.15-3.84 s and read
+    at 7.2-15.4 characters per second, against a 0.5-s minimum and a 0.5-40 range."""
+    defaults = DataConfig()
+    assert all(report.implausible == 0 for report in prepared_corpus.reports.values())
+    for split in ("train", "selection", "test"):
+        table = getattr(prepared_corpus, split)
+        assert set(table["implausible"]) == {""}
+        rates = [len(text) / seconds for text, seconds in zip(table["text"], table["duration"])]
+        assert min(table["duration"]) > 2 * defaults.min_duration_s
+        assert 10 * defaults.min_chars_per_second < min(rates) and max(rates) < defaults.max_chars_per_second / 2
 
 
 def test_features_are_80_by_500_float32_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
@@ -162,29 +186,87 @@ def test_strict_mode_stops_at_a_bad_clip_with_its_row(corpus_copy, processor, ma
     assert dict(lenient.reports["train"].skips.counts) == {"missing_clip": 1}
 
 
+# --- implausible rows ---------------------------------------------------------------------------------------
+
+def test_a_truncated_clip_is_skipped_in_training_and_flagged_in_the_test_split(corpus_copy, processor,
+                                                                               max_target_positions, tmp_path):
+    """A shipped clip cut to 300 bytes (72 ms) under a three-word transcript, in train.tsv and in test.tsv."""
+    corpus = add_bad_rows(corpus_copy(train=8, dev=0, test=8), ["implausible_duration"], splits=["train", "test"])
+    line = corpus.rows["implausible_duration"]
+    why = "0.072 s of audio is under the 0.5 s minimum (data.min_duration_s)"
+    data = build_datasets(quickstart(tmp_path, f"--data.path={corpus.path}", "--data.selection_size=2"), processor,
+                          max_target_positions)
+    train, selection, test = (data.reports[name] for name in ("train", "selection", "test"))
+    skipped = train.skips.counts + selection.skips.counts
+    assert dict(skipped) == {"implausible_duration": 1} and train.kept + selection.kept == 8
+    assert [*train.skips.messages.values(), *selection.skips.messages.values()] == [[f"train.tsv row {line}: {why}"]]
+    assert "cut300" not in [*data.train["id"], *data.selection["id"]] and not train.implausible + selection.implausible
+    assert (test.read, test.kept, dict(test.skips.counts)) == (9, 9, {})  # kept: the test split is the published one
+    flag = f"test.tsv row {line}: {why}"
+    assert [(i, f) for i, f in zip(data.test["id"], data.test["implausible"]) if f] == [("cut300", flag)]
+    assert (test.implausible, test.implausible_messages) == (1, [flag])
+    assert test.as_dict() == {"read": 9, "kept": 9, "skipped": {}, "messages": {}, "implausible": 1,
+                              "implausible_messages": [flag]}
+    assert test.summary() == f"test: 9 of 9 utterances kept; skipped: none; flagged as implausible (kept): 1\n    flagged: {flag}"
+    table, report = build_eval_split(quickstart(tmp_path, f"--data.path={corpus.path}"), processor,
+                                     max_target_positions)  # scripts/evaluate.py's split keeps and flags it too
+    assert len(table) == 9 and report.implausible_messages == [flag]
+
+
+def test_a_transcript_too_fast_or_too_slow_for_its_audio_is_implausible(small_utterances, processor, tmp_path):
+    """The rate check: four copies of a 2.4-s clip's sentence (54 characters per second) and a single letter for
+    a 2.8-s clip (0.4 per second), both within the label limit."""
+    texts = {5: " ".join([small_utterances[5]["text"]] * 4), 3: "क"}
+    utterances = small_utterances.map(lambda row, i: {"text": texts.get(i, row["text"])}, with_indices=True)
+    limits = {name: getattr(DataConfig(), name) for name in ("min_duration_s", "min_chars_per_second", "max_chars_per_second")}
+    trained, report = prepare_small(utterances, processor, tmp_path, **limits)
+    assert dict(report.skips.counts) == {"implausible_rate": 2} and len(trained) == report.kept == 14
+    messages = dict(zip(("slow", "fast"), report.skips.messages["implausible_rate"]))
+    assert messages["slow"] == ("test.tsv row 5: 1 characters in 2.78 s of audio is 0.4 per second, outside 0.5-40 "
+                                "(data.min_chars_per_second, data.max_chars_per_second): is the transcript this clip's?")
+    assert messages["fast"].startswith(f"test.tsv row 7: {len(texts[5])} characters in 2.42 s of audio is ")
+    evaluated, report = prepare_small(utterances, processor, tmp_path, keep_implausible=True, **limits)
+    assert len(evaluated) == report.kept == 16 and report.implausible == 2 and not report.skips.counts
+    assert [bool(flag) for flag in evaluated["implausible"]] == [i in texts for i in range(16)]
+    unchecked, report = prepare_small(utterances, processor, tmp_path)  # prepare()'s own defaults check nothing
+    assert len(unchecked) == 16 and not report.implausible
+
+
+def test_the_plausibility_options_are_checked():
+    with pytest.raises(ConfigError) as caught:
+        quickstart("", "--data.min_duration_s=-1", "--data.min_chars_per_second=50")
+    assert caught.value.problems == [
+        "data.min_duration_s must be >= 0, got -1.0",
+        "data.min_chars_per_second (50) must be 0 (off) or more and below data.max_chars_per_second (40)",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        quickstart("", "--data.min_duration_s=30")
+    assert caught.value.problems == ["data.min_duration_s must be 0 (off) or below data.max_duration_s (30), got 30.0"]
+    quickstart("", "--data.min_duration_s=0", "--data.min_chars_per_second=0")  # 0 turns both lower limits off
+
+
 # --- the cache -----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def forbid_preparing(monkeypatch):
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("prepared again although the cache holds this data")
 
-    return lambda: monkeypatch.setattr(loop.data, "_prepare_batch", must_not_run)
+def cache_files(folder) -> dict[str, tuple[int, int]]:
+    """File name -> (inode, mtime) in a cache folder: a reuse leaves every file as it was, a new preparation adds a
+    file (a new fingerprint) or writes one anew (the same one)."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in Path(folder).iterdir()}
 
 
-def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path, forbid_preparing):
+def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path):
     cache = tmp_path / "cache"
     first, _ = prepare_small(small_utterances, processor, cache)
     files = sorted(os.listdir(cache))
     assert len(files) == 1 and files[0].startswith("test-") and files[0].endswith(".arrow")
-    forbid_preparing()
+    written = cache_files(cache)
     second, report = prepare_small(small_utterances, processor, cache)
-    assert sorted(os.listdir(cache)) == files
+    assert cache_files(cache) == written  # read from the cache, not prepared again
     assert second["labels"] == first["labels"] and (report.read, report.kept) == (16, 16)
     np.testing.assert_array_equal(second.with_format("numpy")["input_features"], first.with_format("numpy")["input_features"])
 
 
-def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, tmp_path, corpus_dir, forbid_preparing):
+def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, tmp_path, corpus_dir):
     cache = tmp_path / "cache"
     prepare_small(small_utterances, processor, cache)
     listed = listed_durations(corpus_dir)
@@ -196,13 +278,14 @@ def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, t
     os.utime(small_utterances[3]["audio_path"], ns=(0, 1_000_000_000))  # a clip replaced since: a new mtime
     again, _ = prepare_small(small_utterances, processor, cache)
     assert len(os.listdir(cache)) == 3 and len(again) == 16
-    forbid_preparing()  # the same inputs once more: from the cache
+    written = cache_files(cache)  # the same inputs once more: from the cache
     assert prepare_small(small_utterances, processor, cache)[0]["labels"] == again["labels"]
-    with pytest.raises(AssertionError, match="prepared again"):
-        prepare_small(small_utterances, processor, cache, max_label_length=255)
+    assert cache_files(cache) == written
+    prepare_small(small_utterances, processor, cache, max_label_length=255)  # a changed setting: prepared again
+    assert len(cache_files(cache)) == 4 and written.items() <= cache_files(cache).items()
 
 
-def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor, tmp_path, forbid_preparing):
+def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor, tmp_path):
     # The serial run goes first on purpose: it starts torch's OpenMP pool in this process before the workers fork.
     serial, _ = prepare_small(small_utterances, processor, tmp_path / "serial")
     with deadline(120):
@@ -212,9 +295,10 @@ def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor
     assert parallel["labels"] == serial["labels"]
     np.testing.assert_allclose(parallel.with_format("numpy")["input_features"],
                                serial.with_format("numpy")["input_features"], atol=1e-5)
-    forbid_preparing()
+    written = cache_files(tmp_path / "parallel")
     with deadline(120):
         again, _ = prepare_small(small_utterances, processor, tmp_path / "parallel", num_proc=2)
+    assert cache_files(tmp_path / "parallel") == written
     assert again["labels"] == serial["labels"]
 
 
@@ -271,19 +355,42 @@ def test_sample_limits_and_recipe_mode(processor, max_target_positions, tmp_path
     assert len(table) == report.kept == 5 and report.name == "dev"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_data_script", PROJECT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_empty_training_splits_are_named_by_file(corpus_copy, processor, max_target_positions, tmp_path):
+    folder = corpus_copy(train=0, dev=0, test=4)
+    expected = (f"{folder / 'train.tsv'} and {folder / 'dev.tsv'} hold no usable rows: nothing to train on; point "
+                "data.path at a release whose training splits have rows, or name others in data.train_splits")
+    with pytest.raises(DataError) as caught:
+        build_datasets(quickstart(tmp_path, f"--data.path={folder}"), processor, max_target_positions)
+    assert str(caught.value) == expected
+    (folder / "train.tsv").write_bytes((folder / "train.tsv").read_bytes() + b"\t".join([b"x"] * 14) + b"\n")
+    with pytest.raises(DataError, match=r"/train.tsv holds no usable rows \(skipped while reading: bad_tsv_row 1\)"):
+        build_datasets(quickstart(tmp_path, f"--data.path={folder}", "--data.train_splits=train"), processor,
+                       max_target_positions)
+    write_manifest(tmp_path / "manifests" / "train.csv", [])
+    write_manifest(tmp_path / "manifests" / "dev.csv", [])
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'manifests' / 'train.csv'} and "
+                                                        f"{tmp_path / 'manifests' / 'dev.csv'} hold no usable rows")):
+        build_datasets(quickstart(tmp_path, "--data.source=manifest", f"--data.path={tmp_path / 'manifests'}"),
+                       processor, max_target_positions)
 
 
-def test_prepare_data_script_on_the_shipped_corpus(prepared_corpus, session_cache_dir, tmp_path, capsys, forbid_preparing):
-    forbid_preparing()  # the same preset and settings as `prepared_corpus`: everything comes from the cache
-    code = load_script().main(["--config", "quickstart", f"--data.cache_dir={session_cache_dir}", "--data.num_proc", "1",
-                               "--output_dir", str(tmp_path / "out")])
+def test_train_script_says_the_training_splits_are_empty(corpus_copy, tmp_path, capsys):
+    folder = corpus_copy(train=0, dev=0, test=4)
+    code = load_script("train").main(["--config", "quickstart", "--data.path", str(folder),
+                                      f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_proc=1",
+                                      "--train.report_to=none", "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {folder / 'train.tsv'} and {folder / 'dev.tsv'} hold no usable rows" in err
+    assert "selection_size" not in err
+
+
+def test_prepare_data_script_on_the_shipped_corpus(prepared_corpus, session_cache_dir, tmp_path, capsys):
+    written = cache_files(session_cache_dir)  # the same preset and settings as `prepared_corpus`: all from the cache
+    code = load_script("prepare_data").main(["--config", "quickstart", f"--data.cache_dir={session_cache_dir}",
+                                             "--data.num_proc", "1", "--output_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert code == 0
+    assert code == 0 and cache_files(session_cache_dir) == written
     kept = {name: report.kept for name, report in prepared_corpus.reports.items()}
     assert out.splitlines()[:3] == [
         f"train: {kept['train']} of {kept['train']} utterances kept; skipped: none",
@@ -296,7 +403,7 @@ def test_prepare_data_script_on_the_shipped_corpus(prepared_corpus, session_cach
 
 
 def test_prepare_data_script_reports_bad_rows_and_strict_fails(broken_corpus, tmp_path, capsys):
-    script = load_script()
+    script = load_script("prepare_data")
     common = ["--config", "quickstart", f"--data.path={broken_corpus.path}", f"--data.cache_dir={tmp_path / 'cache'}",
               "--data.num_proc=1", "--eval.select_on=test"]
     assert script.main([*common, "--output_dir", str(tmp_path / "out")]) == 0
@@ -385,18 +492,35 @@ def test_packing_joins_consecutive_utterances_within_the_window(small_utterances
     np.testing.assert_allclose(row["input_features"], log_mel_features([audio], fe)[0], atol=1e-5)
 
 
-def test_packing_respects_the_label_limit():
-    """A group stops growing when its joined transcript would exceed the label limit, however short the audio."""
-    from loop.data import pack_groups
+def test_packing_respects_the_label_limit_and_tokenizes_each_join_once():
+    """A group stops growing when its joined transcript would exceed the label limit, however short the audio;
+    a group's labels are those of the tokenization that admitted its last member (no second pass)."""
+    from loop.audio import SAMPLE_RATE
+    from loop.prepare import Record, pack_groups
 
-    class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>
+    class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>; counts its calls
+        calls = 0
+
         def __call__(self, text):
+            self.calls += 1
             return type("Encoded", (), {"input_ids": [0, *text.split(), 0]})
 
+    def records(durations, texts):
+        return [Record(text=text, origin=f"row {i}", source=None, kept={}, ids=[0, *text.split(), 0],
+                       waveform=np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32))
+                for i, (seconds, text) in enumerate(zip(durations, texts))]
+
+    def positions(groups, rows):
+        return [[rows.index(member) for member in members] for members, _ in groups]
+
     texts = ["a b", "c", "d e f", "g", "h i"]
-    groups = pack_groups([0, 1, 2, 3, 4], [1.0] * 5, texts, WordTokenizer(), 30.0, max_label_length=6)
-    assert groups == [[0, 1], [2, 3], [4]]
-    assert pack_groups([0, 2, 4], [10.0, 1.0, 25.0, 1.0, 4.0], texts, WordTokenizer(), 30.0, 100) == [[0], [2, 4]]
+    rows, tokenizer = records([1.0] * 5, texts), WordTokenizer()
+    groups = pack_groups(rows, tokenizer, 30.0, max_label_length=6)
+    assert positions(groups, rows) == [[0, 1], [2, 3], [4]]
+    assert [ids for _, ids in groups] == [[0, "a", "b", "c", 0], [0, "d", "e", "f", "g", 0], [0, "h", "i", 0]]
+    assert tokenizer.calls == 4  # one per row that tried to join a group, none again for the packed groups
+    rows = records([10.0, 25.0, 4.0], [texts[0], texts[2], texts[4]])  # rows 0, 2 and 4 of five
+    assert positions(pack_groups(rows, WordTokenizer(), 30.0, 100), rows) == [[0], [1, 2]]
 
 
 def test_bad_rows_are_counted_and_never_packed(broken_corpus, processor, max_target_positions, tmp_path):

@@ -23,6 +23,7 @@ from loop.sources import (
     load_hub_split,
     load_utterances,
     read_common_voice_split,
+    split_location,
 )
 
 COLUMNS = {"id", "audio_path", "audio_bytes", "text", "client_id", "origin"}
@@ -314,3 +315,13 @@ def test_a_script_based_dataset_gets_a_clear_message(tmp_path):
         load_hub_split(DataConfig(source="hub", dataset_name=str(folder)), "train")
     assert "it is a script-based dataset, which datasets 5 no longer runs" in str(caught.value)
     assert "--data.dataset_revision=refs/convert/parquet" in str(caught.value)
+
+
+# --- Where a split comes from, for messages -------------------------------------------------------------------
+
+def test_split_location_names_the_file_or_the_hub_split(corpus_root, corpus_dir, tmp_path):
+    assert split_location(DataConfig(path=str(corpus_root)), "dev") == str(corpus_dir / "dev.tsv")
+    (tmp_path / "train.jsonl").write_text("", encoding="utf-8")
+    assert split_location(DataConfig(source="manifest", path=str(tmp_path)), "train") == str(tmp_path / "train.jsonl")
+    hub = DataConfig(source="hub", dataset_name="google/fleurs", dataset_config="hi_in")
+    assert split_location(hub, "validation") == "google/fleurs (hi_in) split 'validation'"

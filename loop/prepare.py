@@ -1,0 +1,366 @@
+"""Utterances -> model-ready rows: log-mel `input_features`, Whisper `labels`, duration; cached by `datasets`.
+
+Preparation runs as a batched `datasets.map` (with `num_proc` workers) into an Arrow cache file whose name is a
+fingerprint of the inputs (rows, clip sizes and times) and of the settings (feature extractor, tokenizer, limits):
+a second run with the same inputs reuses the file instead of decoding the audio again. Rows that cannot be used
+are kept through the map with a `skip_reason`, then counted and dropped, so one bad clip never ends a preparation.
+Implausible rows (too little audio, or a transcript too fast or too slow for it: a truncated clip, a mismatched
+transcript) are skipped the same way in training splits; evaluation keeps them, flagged in an `implausible` column,
+so its WER stays comparable with published figures on the same split.
+
+Inside a map batch each row is one `Record`: `check_row` decodes and tokenizes it or says why it is skipped,
+`pack_groups` and `join_rows` join consecutive usable rows (with `pack_to_seconds`), and `output_columns` writes the
+columns, one STFT for the whole batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from loop.audio import SAMPLE_RATE, AudioError, decode_audio
+from loop.features import log_mel_features
+from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
+
+PREP_VERSION = 4  # bump when _prepare_batch changes what it writes, so old caches are not reused
+KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
+DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
+
+
+@dataclass
+class SplitReport:
+    """What happened to one split's rows: how many were read and kept, why the others were skipped, and which kept
+    rows are flagged as implausible."""
+
+    name: str
+    read: int = 0
+    kept: int = 0
+    skips: SkipLog = field(default_factory=SkipLog)
+    windows: int = 0
+    """Rows the kept utterances were packed into (0: not packed, one row per utterance)."""
+    implausible: int = 0
+    """Kept rows flagged as implausible (evaluation splits only: training splits skip such rows)."""
+    implausible_messages: list[str] = field(default_factory=list)
+    """The first of their flags, each naming the file and row (at most MAX_MESSAGES_PER_REASON)."""
+
+    def as_dict(self) -> dict:
+        flagged = {"implausible": self.implausible, "implausible_messages": self.implausible_messages}
+        return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
+                **self.skips.as_dict(), **(flagged if self.implausible else {})}
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
+        examples = [f"\n    {message}" for messages in self.skips.messages.values() for message in messages[:3]]
+        examples += [f"\n    flagged: {message}" for message in self.implausible_messages[:3]]
+        packed = f" (packed into {self.windows} windows)" if self.windows else ""
+        flagged = f"; flagged as implausible (kept): {self.implausible}" if self.implausible else ""
+        return (f"{self.name}: {self.kept} of {self.read} utterances kept{packed}; skipped: {skipped}{flagged}"
+                + "".join(examples))
+
+
+@dataclass(frozen=True)
+class RowChecks:
+    """What a row must satisfy to be used; all of it decides what preparation writes (and the cache's name)."""
+
+    max_duration_s: float
+    """Longest audio, in seconds (never more than the model's window)."""
+    max_label_length: int
+    """Most label tokens, prefix and `<|endoftext|>` included (the decoder's `max_target_positions`)."""
+    min_duration_s: float = 0.0
+    """Less audio than this is implausible (`data.min_duration_s`)."""
+    min_chars_per_second: float = 0.0
+    """A slower transcript is implausible (`data.min_chars_per_second`)."""
+    max_chars_per_second: float = math.inf
+    """A faster transcript is implausible (`data.max_chars_per_second`)."""
+    keep_implausible: bool = False
+    """Evaluation: keep an implausible row, flagged in the `implausible` column, instead of skipping it."""
+
+    def implausibility(self, text: str, duration: float) -> tuple[str, str] | None:
+        """(reason, message) when `duration` seconds of audio cannot plausibly hold the transcript `text`; the rate
+        counts the transcript's characters as written (spaces and punctuation included)."""
+        if duration < self.min_duration_s:
+            return ("implausible_duration",
+                    f"{duration:.3g} s of audio is under the {self.min_duration_s:g} s minimum (data.min_duration_s)")
+        rate = len(text) / duration
+        if not self.min_chars_per_second <= rate <= self.max_chars_per_second:
+            return ("implausible_rate",
+                    f"{len(text)} characters in {duration:.3g} s of audio is {rate:.1f} per second, outside "
+                    f"{self.min_chars_per_second:g}-{self.max_chars_per_second:g} (data.min_chars_per_second, "
+                    "data.max_chars_per_second): is the transcript this clip's?")
+        return None
+
+
+@dataclass(eq=False)  # a row in flight, compared by identity: `pack_batch` finds a group by its first row
+class Record:
+    """One row of a map batch on its way to the prepared table: read from the batch, then decoded and tokenized
+    by `check_row` (or given a skip reason), and possibly joined with its neighbours by `join_rows`."""
+
+    text: str
+    """The transcript, stripped (a packed row's: its utterances' joined by a space)."""
+    origin: str
+    """Where the row came from (`train.tsv row 12`), the start of every message about it."""
+    source: str | bytes | None
+    """Encoded audio bytes or a path; empty when the source gave none."""
+    kept: dict[str, str]
+    """The kept columns other than `text` (`id`, `audio_path`, `client_id`), as the source gave them."""
+    waveform: np.ndarray | None = None
+    """(num_samples,) float32 at 16 kHz, once decoded."""
+    ids: list[int] = field(default_factory=list)
+    """Label token ids of `text`; empty for a skipped row."""
+    skip_reason: str = ""
+    """Short key the row is counted under when it cannot be used (`too_long`, ...); empty for a usable row."""
+    skip_message: str = ""
+    """`<origin>: what is wrong`, for the split's report."""
+    implausible: str = ""
+    """`<origin>: what is implausible` for a row kept although implausible (evaluation); empty when plausible."""
+    utterances: int = 1
+    """How many utterances the row holds (more than 1 once packed)."""
+
+    @classmethod
+    def from_batch(cls, batch: dict, index: int) -> Record:
+        return cls(text=batch["text"][index].strip(), origin=batch["origin"][index],
+                   source=batch["audio_bytes"][index] or batch["audio_path"][index],
+                   kept={name: batch[name][index] for name in KEPT_COLUMNS if name != "text"})
+
+    @property
+    def duration(self) -> float:
+        """Seconds of decoded audio (0 before decoding or when it failed)."""
+        return 0.0 if self.waveform is None else len(self.waveform) / SAMPLE_RATE
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skip_reason, self.skip_message = reason, f"{self.origin}: {message}"
+
+
+def check_row(record: Record, tokenizer, checks: RowChecks) -> None:
+    """Decodes the row's audio and tokenizes its transcript, or gives it the first skip reason that applies: an
+    audio error, an empty transcript, audio over `max_duration_s`, labels over `max_label_length`, then an
+    implausible row (`RowChecks.implausibility`), which `keep_implausible` keeps and flags instead."""
+    try:
+        if not record.source:
+            raise AudioError("missing_clip", "no audio given")
+        record.waveform = decode_audio(record.source)
+    except AudioError as error:
+        return record.skip(error.reason, str(error))
+    if not record.text:
+        return record.skip("empty_transcript", "transcript is empty")
+    if record.duration > checks.max_duration_s:
+        return record.skip("too_long", f"{record.duration:.1f} s of audio is over the {checks.max_duration_s:g} s limit")
+    ids = tokenizer(record.text).input_ids
+    if len(ids) > checks.max_label_length:
+        return record.skip("labels_too_long", f"{len(ids)} label tokens, more than the model's {checks.max_label_length}")
+    problem = checks.implausibility(record.text, record.duration)
+    if problem and not checks.keep_implausible:
+        return record.skip(*problem)
+    record.ids = ids
+    record.implausible = f"{record.origin}: {problem[1]}" if problem else ""
+
+
+def pack_groups(records: list[Record], tokenizer, pack_to_seconds: float,
+                max_label_length: int) -> list[tuple[list[Record], list[int]]]:
+    """Greedy packing of consecutive usable `records` (distil-whisper's way of filling Whisper's 30-s window): a
+    group grows while its audio stays within `pack_to_seconds` and its joined transcript within `max_label_length`
+    tokens; a row that fits neither starts the next group. Every row lands in exactly one group, in order.
+
+    Returns (members, label ids) per group: the ids of the joined transcript come from the tokenization that
+    admitted the group's last member, so no group is tokenized again; a group of one keeps its row's ids."""
+    groups: list[tuple[list[Record], list[int]]] = []
+    seconds = 0.0
+    for record in records:
+        if groups and seconds + record.duration <= pack_to_seconds:
+            members = groups[-1][0] + [record]
+            ids = tokenizer(" ".join(member.text for member in members)).input_ids
+            if len(ids) <= max_label_length:
+                groups[-1] = (members, ids)
+                seconds += record.duration
+                continue
+        groups.append(([record], record.ids))
+        seconds = record.duration
+    return groups
+
+
+def join_rows(members: list[Record], ids: list[int]) -> Record:
+    """One packed row: the members' audio end to end, their transcripts joined by a space with `ids` as labels,
+    and each kept column's values joined by " + ". A group of one is its row as it was."""
+    if len(members) == 1:
+        return members[0]
+    return Record(
+        text=" ".join(member.text for member in members),
+        origin=" + ".join(member.origin for member in members),
+        source=None,
+        kept={name: " + ".join(str(member.kept[name] or "") for member in members) for name in members[0].kept},
+        waveform=np.concatenate([member.waveform for member in members]),
+        ids=ids,
+        implausible="; ".join(member.implausible for member in members if member.implausible),
+        utterances=len(members),
+    )
+
+
+def pack_batch(records: list[Record], tokenizer, pack_to_seconds: float, max_label_length: int) -> list[Record]:
+    """The usable records packed (`pack_groups`), the skipped ones as they were, in input order: a packed row
+    takes the place of its first utterance."""
+    usable = [record for record in records if not record.skip_reason]
+    packed = {members[0]: join_rows(members, ids)
+              for members, ids in pack_groups(usable, tokenizer, pack_to_seconds, max_label_length)}
+    return [packed.get(record, record) for record in records if record.skip_reason or record in packed]
+
+
+def output_columns(records: list[Record], feature_extractor) -> dict:
+    """The prepared columns of `records`: a skipped row gets zero features and no labels."""
+    n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
+    input_features = np.zeros((len(records), n_mels, n_frames), dtype=np.float32)
+    usable = [i for i, record in enumerate(records) if not record.skip_reason]
+    if usable:
+        # One STFT for the whole batch, over the audio only: the feature extractor's values without transforming
+        # the silence that pads each clip to the 30-s window (loop/features.py).
+        input_features[usable] = log_mel_features([records[i].waveform for i in usable], feature_extractor)
+    return {
+        "input_features": input_features,
+        "labels": [record.ids for record in records],
+        "duration": [record.duration for record in records],
+        "utterances": [record.utterances for record in records],
+        "skip_reason": [record.skip_reason for record in records],
+        "skip_message": [record.skip_message for record in records],
+        "implausible": [record.implausible for record in records],
+        **{name: [record.kept[name] for record in records] for name in KEPT_COLUMNS if name != "text"},
+        "text": [record.text for record in records],
+    }
+
+
+def _prepare_batch(batch, rank, feature_extractor, tokenizer, checks: RowChecks, strict: bool,
+                   pack_to_seconds: float = 0.0) -> dict:
+    """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and zero features. With
+    `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was."""
+    if rank is not None:
+        # A forked worker must not use the OpenMP pool it inherited from a parent that already ran torch ops:
+        # GNU OpenMP is not fork-safe and the STFT would hang. The workers are the parallelism here.
+        torch.set_num_threads(1)
+    records = [Record.from_batch(batch, i) for i in range(len(batch["text"]))]
+    for record in records:
+        check_row(record, tokenizer, checks)
+    first_bad = next((record for record in records if record.skip_reason), None)
+    if strict and first_bad is not None:
+        raise strict_error(first_bad.skip_reason, first_bad.skip_message)
+    if pack_to_seconds:
+        records = pack_batch(records, tokenizer, pack_to_seconds, checks.max_label_length)
+    return output_columns(records, feature_extractor)
+
+
+def prepare(
+    utterances: datasets.Dataset,
+    feature_extractor,
+    tokenizer,
+    report: SplitReport,
+    *,
+    max_duration_s: float,
+    max_label_length: int,
+    num_proc: int = 1,
+    cache_dir: str | Path = "",
+    pack_to_seconds: float = 0.0,
+    min_duration_s: float = 0.0,
+    min_chars_per_second: float = 0.0,
+    max_chars_per_second: float = math.inf,
+    keep_implausible: bool = False,
+) -> datasets.Dataset:
+    """Decodes, extracts features and tokenizes `utterances`; returns only the usable rows.
+
+    Columns of the result: `input_features` (n_mels, n_frames) float32, `labels` (token ids, with Whisper's
+    prefix `<|startoftranscript|><|lang|><|task|><|notimestamps|>` and `<|endoftext|>`), `duration` (seconds),
+    `utterances` (how many utterances the row holds), `implausible` (empty, or why the row is implausible: only
+    with `keep_implausible`, else such rows are skipped), and `id`, `audio_path`, `text`, `client_id` for reports.
+
+    With `pack_to_seconds`, consecutive usable utterances are joined into one row while their audio fits that many
+    seconds and their joined transcript fits `max_label_length` tokens (see `pack_groups`); a packed row's `id`,
+    `audio_path` and `client_id` are its utterances' values joined by " + ".
+    """
+    n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
+    checks = RowChecks(max_duration_s=min(max_duration_s, feature_extractor.chunk_length),
+                       max_label_length=max_label_length, min_duration_s=min_duration_s,
+                       min_chars_per_second=min_chars_per_second, max_chars_per_second=max_chars_per_second,
+                       keep_implausible=keep_implausible)
+    pack_to_seconds = min(pack_to_seconds, feature_extractor.chunk_length)
+    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds)
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features(
+        {
+            "input_features": datasets.Array2D((n_mels, n_frames), "float32"),
+            "labels": datasets.List(datasets.Value("int32")),
+            "duration": datasets.Value("float32"),
+            "utterances": datasets.Value("int32"),
+            "skip_reason": datasets.Value("string"),
+            "skip_message": datasets.Value("string"),
+            "implausible": datasets.Value("string"),
+            **{name: datasets.Value("string") for name in KEPT_COLUMNS},
+        }
+    )
+    if len(utterances) == 0:  # `map` hands an empty table back unchanged, without the prepared columns
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    prepared = utterances.map(
+        _prepare_batch,
+        batched=True,
+        batch_size=64 if pack_to_seconds else 16,  # packing joins utterances within one map batch
+        num_proc=num_proc if num_proc > 1 and len(utterances) >= 2 * num_proc else None,
+        with_rank=True,
+        fn_kwargs={
+            "feature_extractor": feature_extractor,
+            "tokenizer": tokenizer,
+            "checks": checks,
+            "strict": report.skips.strict,
+            "pack_to_seconds": pack_to_seconds,
+        },
+        remove_columns=[c for c in utterances.column_names if c not in KEPT_COLUMNS],
+        features=features,
+        cache_file_name=str(cache_dir / f"{report.name}-{fingerprint}.arrow"),
+        load_from_cache_file=True,
+        new_fingerprint=fingerprint,
+        desc=f"preparing {report.name}",
+    )
+    reasons, counts = prepared["skip_reason"], prepared["utterances"]
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    for index, message in zip(bad, prepared.select(bad)["skip_message"]):
+        report.skips.add(reasons[index], message)
+    report.read += sum(counts)
+    report.kept = sum(counts) - len(bad)  # a skipped row is one utterance
+    kept = [i for i, reason in enumerate(reasons) if not reason]
+    report.windows = len(kept) if pack_to_seconds else 0
+    table = prepared.select(kept)
+    flags = [flag for flag in table["implausible"] if flag]
+    report.implausible, report.implausible_messages = len(flags), flags[:MAX_MESSAGES_PER_REASON]
+    return table
+
+
+def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, checks: RowChecks,
+                 pack_to_seconds: float) -> str:
+    """A hash of everything that decides the prepared data: rows, the clips' sizes and times, and the settings."""
+    digest = hashlib.sha256()
+    settings = {
+        "version": PREP_VERSION,
+        "features": feature_extractor.to_dict(),
+        "prefix": tokenizer.prefix_tokens,
+        **asdict(checks),
+        "pack_to_seconds": pack_to_seconds,
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).digest())
+    if utterances.cache_files:  # a Hub dataset already has a content fingerprint
+        digest.update(utterances._fingerprint.encode())
+        return digest.hexdigest()[:16]
+    for row in utterances.select_columns(["id", "audio_path", "text", "origin"]):
+        digest.update(json.dumps(row, sort_keys=True).encode())
+        try:
+            stat = os.stat(row["audio_path"])
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(b"missing")
+    bytes_column = utterances["audio_bytes"]
+    for blob in bytes_column:
+        digest.update(hashlib.sha256(blob or b"").digest())
+    return digest.hexdigest()[:16]
