@@ -119,7 +119,8 @@ def time_loop_eval(run: Run) -> dict:
     with MemoryPeak() as memory:
         started = time.perf_counter()
         result = evaluate(model, run.selection_loader, run.accelerator, run.processor.tokenizer,
-                          run.data.selection["text"], run.config.model.language, description="benchmark eval")
+                          run.data.selection["text"], run.config.model.language, log_mel=run.log_mel,
+                          description="benchmark eval")
         synchronize()
         seconds = time.perf_counter() - started
     ids = run.data.selection["id"]

@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
-from loop.audio import SAMPLE_RATE, AudioError, decode_audio  # noqa: E402
+from loop.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
 from loop.evaluation import transcribe  # noqa: E402
+from loop.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model import language_code, load_for_inference  # noqa: E402
 
 DEFAULT_MAX_DURATION_S = 600.0  # longest recording or upload the demo transcribes
@@ -40,6 +41,7 @@ class Transcriber:
 
     def __init__(self, model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S):
         self.model, self.processor = load_for_inference(str(model_dir))
+        self.log_mel = LogMel(self.processor.feature_extractor)
         self.max_duration_s = max_duration_s
         self.lock = threading.Lock()  # the generation config is switched per call: one call at a time
 
@@ -63,13 +65,11 @@ class Transcriber:
         waveform = self.load_audio(path)
         started = time.perf_counter()
         with self.lock, decoding_as(self.model, language, task):
+            audio, _ = pad_waveforms([as_cached(waveform)])  # the samples evaluation decodes from its cache
             if len(waveform) <= self.window_s * SAMPLE_RATE:
-                features = self.processor.feature_extractor(
-                    waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt"
-                ).input_features
-                text = transcribe(self.model, features, self.processor.tokenizer)[0]
+                text = transcribe(self.model, self.log_mel(audio), self.processor.tokenizer)[0]
             else:
-                text = transcribe_long(self.model, self.processor, waveform)
+                text = transcribe_long(self.model, self.log_mel, self.processor.tokenizer, audio)
         return text, time.perf_counter() - started
 
     def load_audio(self, path: str | Path | None) -> np.ndarray:
@@ -113,20 +113,18 @@ def decoding_as(model, language: str | None, task: str | None):
 
 
 @torch.no_grad()
-def transcribe_long(model, processor, waveform: np.ndarray) -> str:
-    """Audio longer than the model's window, with Whisper's long-form generation: unpadded, untruncated
-    features (batch 1, n_mels, frames) and their attention mask; generate() moves the window along by the
-    timestamps the model predicts (it needs `no_timestamps_token_id` in the generation config)."""
-    inputs = processor.feature_extractor(
-        waveform, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest", return_attention_mask=True,
-        return_tensors="pt",
-    )
+def transcribe_long(model, log_mel: LogMel, tokenizer, audio: torch.Tensor) -> str:
+    """Audio (1, samples) longer than the model's window, with Whisper's long-form generation: the features of the
+    whole recording (1, n_mels, frames), untruncated, and their attention mask; generate() moves the window along
+    by the timestamps the model predicts (it needs `no_timestamps_token_id` in the generation config)."""
+    frames = audio.shape[1] // log_mel.hop_length
+    features = log_mel(audio, n_frames=frames, truncate=False)
     settings = model.generation_config
     token_ids = model.generate(
-        input_features=inputs.input_features, attention_mask=inputs.attention_mask,
+        input_features=features, attention_mask=torch.ones((1, frames), dtype=torch.long),
         language=settings.language, task=settings.task, return_timestamps=True,
     )
-    return processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
+    return tokenizer.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
 
 
 def language_choices() -> list[tuple[str, str]]:

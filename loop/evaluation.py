@@ -57,10 +57,11 @@ class EvalResult:
 
 
 @torch.no_grad()  # without it the loss pass records a graph, and loss_sums would keep every batch's graph alive
-def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *,
+def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *, log_mel,
              compute_loss: bool = True, description: str = "eval") -> EvalResult:
     """Decodes every utterance of `dataloader` once across all processes and scores it against `references`
-    (indexed by the rows' `index`). Every process returns the same result."""
+    (indexed by the rows' `index`). `log_mel` (`loop.features.LogMel` of the model's feature extractor, on the
+    accelerator) turns each batch's audio into features. Every process returns the same result."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -73,13 +74,14 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
             with accelerator.autocast():
                 # One encoder pass serves both the loss and generation, and so do the decoder's cross-attention
                 # keys and values of it, which the loss pass leaves in `cache`.
-                encoder_outputs = generator.get_encoder()(batch["input_features"])
+                features = log_mel(batch["audio"])
+                encoder_outputs = generator.get_encoder()(features)
                 loss_sum, tokens, cross_attention = None, None, None
                 if compute_loss:
                     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
                     loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
                     cross_attention = cache.cross_attention_cache
-                token_ids = generate_ids(generator, batch["input_features"], encoder_outputs, cross_attention)
+                token_ids = generate_ids(generator, features, encoder_outputs, cross_attention)
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
             if "out of memory" in str(error).lower():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
@@ -16,28 +17,39 @@ from loop.collator import SpeechSeq2SeqCollator
 
 class Rows(torch.utils.data.Dataset):
     """A prepared table as a map-style torch dataset whose rows carry their position (`index`), so evaluation
-    can gather predictions from several processes and match them to references exactly once."""
+    can gather predictions from several processes and match them to references exactly once.
 
-    COLUMNS = ["input_features", "labels", "duration", "utterances"]
+    Rows are read straight from Arrow: list columns (the int16 audio, the labels) come back as NumPy views of
+    their stored type, where `datasets`' NumPy format would copy them to int64 first (four times the audio)."""
+
+    COLUMNS = ["audio", "audio_scale", "labels", "duration", "utterances"]
 
     def __init__(self, table: datasets.Dataset, order: list[int] | None = None):
-        self.table = table.with_format("numpy", columns=self.COLUMNS)
+        self.table = table.with_format("arrow", columns=self.COLUMNS)
         self.order = order if order is not None else list(range(len(table)))
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, position: int) -> dict:
-        index = self.order[position]
-        row = self.table[index]
-        row["index"] = index
-        return row
+        return self.__getitems__([position])[0]
 
     def __getitems__(self, positions: list[int]) -> list[dict]:
         """A whole batch in one Arrow read (the DataLoader calls this instead of `__getitem__` once per row)."""
         indices = [self.order[position] for position in positions]
-        columns = self.table[indices]
-        return [{**{name: columns[name][i] for name in self.COLUMNS}, "index": index} for i, index in enumerate(indices)]
+        batch = self.table[indices]
+        rows = [{"index": index} for index in indices]
+        for name in self.COLUMNS:
+            column = batch.column(name).combine_chunks()
+            if pa.types.is_list(column.type):
+                offsets = column.offsets.to_numpy()
+                values = column.flatten().to_numpy(zero_copy_only=False)
+                for row, start, end in zip(rows, offsets[:-1] - offsets[0], offsets[1:] - offsets[0]):
+                    row[name] = values[start:end]
+            else:
+                for row, value in zip(rows, column.to_numpy(zero_copy_only=False)):
+                    row[name] = value
+        return rows
 
 
 def longest_first(table: datasets.Dataset) -> list[int]:

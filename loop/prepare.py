@@ -1,4 +1,4 @@
-"""Utterances -> model-ready rows: log-mel `input_features`, Whisper `labels`, duration; cached by `datasets`.
+"""Utterances -> model-ready rows: 16-kHz audio, Whisper `labels`, duration; cached by `datasets`.
 
 Preparation runs as a batched `datasets.map` (with `num_proc` workers) into an Arrow cache file whose name is a
 fingerprint of the inputs (rows, clip sizes and times) and of the settings (feature extractor, tokenizer, limits):
@@ -10,7 +10,10 @@ so its WER stays comparable with published figures on the same split.
 
 Inside a map batch each row is one `Record`: `check_row` decodes and tokenizes it or says why it is skipped,
 `pack_groups` and `join_rows` join consecutive usable rows (with `pack_to_seconds`), and `output_columns` writes the
-columns, one STFT for the whole batch.
+columns. The cache holds the decoded, resampled audio as int16 with a per-row scale (`loop.audio.quantize`), not
+features: the loop computes log-mel features per batch on the accelerator (`loop.features.LogMel`), so the cache
+costs 32 kB per second of audio, whatever the model's window and mel bins, and one cache serves every model with
+the same tokenizer and window.
 """
 
 from __future__ import annotations
@@ -24,13 +27,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 
-from loop.audio import SAMPLE_RATE, AudioError, decode_audio
-from loop.features import log_mel_features
+from loop.audio import SAMPLE_RATE, AudioError, decode_audio, quantize
 from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
 
-PREP_VERSION = 4  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 5  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 
@@ -212,17 +213,13 @@ def pack_batch(records: list[Record], tokenizer, pack_to_seconds: float, max_lab
     return [packed.get(record, record) for record in records if record.skip_reason or record in packed]
 
 
-def output_columns(records: list[Record], feature_extractor) -> dict:
-    """The prepared columns of `records`: a skipped row gets zero features and no labels."""
-    n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
-    input_features = np.zeros((len(records), n_mels, n_frames), dtype=np.float32)
-    usable = [i for i, record in enumerate(records) if not record.skip_reason]
-    if usable:
-        # One STFT for the whole batch, over the audio only: the feature extractor's values without transforming
-        # the silence that pads each clip to the 30-s window (loop/features.py).
-        input_features[usable] = log_mel_features([records[i].waveform for i in usable], feature_extractor)
+def output_columns(records: list[Record]) -> dict:
+    """The prepared columns of `records`: a skipped row gets no audio and no labels."""
+    quantized = [quantize(record.waveform) if not record.skip_reason else (np.zeros(0, np.int16), 1.0)
+                 for record in records]
     return {
-        "input_features": input_features,
+        "audio": [samples for samples, _ in quantized],
+        "audio_scale": [scale for _, scale in quantized],
         "labels": [record.ids for record in records],
         "duration": [record.duration for record in records],
         "utterances": [record.utterances for record in records],
@@ -234,14 +231,10 @@ def output_columns(records: list[Record], feature_extractor) -> dict:
     }
 
 
-def _prepare_batch(batch, rank, feature_extractor, tokenizer, checks: RowChecks, strict: bool,
+def _prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
                    pack_to_seconds: float = 0.0) -> dict:
-    """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and zero features. With
+    """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and no audio. With
     `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was."""
-    if rank is not None:
-        # A forked worker must not use the OpenMP pool it inherited from a parent that already ran torch ops:
-        # GNU OpenMP is not fork-safe and the STFT would hang. The workers are the parallelism here.
-        torch.set_num_threads(1)
     records = [Record.from_batch(batch, i) for i in range(len(batch["text"]))]
     for record in records:
         check_row(record, tokenizer, checks)
@@ -250,7 +243,7 @@ def _prepare_batch(batch, rank, feature_extractor, tokenizer, checks: RowChecks,
         raise strict_error(first_bad.skip_reason, first_bad.skip_message)
     if pack_to_seconds:
         records = pack_batch(records, tokenizer, pack_to_seconds, checks.max_label_length)
-    return output_columns(records, feature_extractor)
+    return output_columns(records)
 
 
 def prepare(
@@ -269,9 +262,10 @@ def prepare(
     max_chars_per_second: float = math.inf,
     keep_implausible: bool = False,
 ) -> datasets.Dataset:
-    """Decodes, extracts features and tokenizes `utterances`; returns only the usable rows.
+    """Decodes, resamples and tokenizes `utterances`; returns only the usable rows.
 
-    Columns of the result: `input_features` (n_mels, n_frames) float32, `labels` (token ids, with Whisper's
+    Columns of the result: `audio` (num_samples,) int16 and `audio_scale` (its samples times the scale are the
+    16-kHz waveform, `loop.audio.dequantize`), `labels` (token ids, with Whisper's
     prefix `<|startoftranscript|><|lang|><|task|><|notimestamps|>` and `<|endoftext|>`), `duration` (seconds),
     `utterances` (how many utterances the row holds), `implausible` (empty, or why the row is implausible: only
     with `keep_implausible`, else such rows are skipped), and `id`, `audio_path`, `text`, `client_id` for reports.
@@ -280,7 +274,6 @@ def prepare(
     seconds and their joined transcript fits `max_label_length` tokens (see `pack_groups`); a packed row's `id`,
     `audio_path` and `client_id` are its utterances' values joined by " + ".
     """
-    n_mels, n_frames = feature_extractor.feature_size, feature_extractor.nb_max_frames
     checks = RowChecks(max_duration_s=min(max_duration_s, feature_extractor.chunk_length),
                        max_label_length=max_label_length, min_duration_s=min_duration_s,
                        min_chars_per_second=min_chars_per_second, max_chars_per_second=max_chars_per_second,
@@ -291,7 +284,8 @@ def prepare(
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = datasets.Features(
         {
-            "input_features": datasets.Array2D((n_mels, n_frames), "float32"),
+            "audio": datasets.List(datasets.Value("int16")),
+            "audio_scale": datasets.Value("float32"),
             "labels": datasets.List(datasets.Value("int32")),
             "duration": datasets.Value("float32"),
             "utterances": datasets.Value("int32"),
@@ -308,9 +302,7 @@ def prepare(
         batched=True,
         batch_size=64 if pack_to_seconds else 16,  # packing joins utterances within one map batch
         num_proc=num_proc if num_proc > 1 and len(utterances) >= 2 * num_proc else None,
-        with_rank=True,
         fn_kwargs={
-            "feature_extractor": feature_extractor,
             "tokenizer": tokenizer,
             "checks": checks,
             "strict": report.skips.strict,
@@ -343,7 +335,7 @@ def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, che
     digest = hashlib.sha256()
     settings = {
         "version": PREP_VERSION,
-        "features": feature_extractor.to_dict(),
+        "sampling_rate": feature_extractor.sampling_rate,  # features are not cached: their settings do not count
         "prefix": tokenizer.prefix_tokens,
         **asdict(checks),
         "pack_to_seconds": pack_to_seconds,

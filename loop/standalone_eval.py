@@ -19,6 +19,7 @@ from loop.config import RunConfig
 from loop.config_loading import parse_overrides
 from loop.data import build_eval_split
 from loop.evaluation import EvalResult, evaluate
+from loop.features import LogMel
 from loop.files import write_json_atomic
 from loop.loaders import eval_dataloader
 from loop.model import load_for_inference
@@ -98,8 +99,10 @@ def summary_metrics(name: str, split: str, result: EvalResult, report: SplitRepo
 
 
 def same_preparation(processor, other) -> bool:
-    """Whether prepared rows fit both models: the same features (window, mel bins) and the same label tokens."""
-    return (processor.feature_extractor.to_dict() == other.feature_extractor.to_dict()
+    """Whether prepared rows fit both models: the same window and sampling rate (the audio limits) and the same
+    label tokens. The mel bins need not agree: features are computed per model from the prepared audio."""
+    fe, other_fe = processor.feature_extractor, other.feature_extractor
+    return ((fe.chunk_length, fe.sampling_rate) == (other_fe.chunk_length, other_fe.sampling_rate)
             and processor.tokenizer.prefix_tokens == other.tokenizer.prefix_tokens
             and processor.tokenizer.backend_tokenizer.to_str() == other.tokenizer.backend_tokenizer.to_str())
 
@@ -152,8 +155,9 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     split = prepare_split(config, model, processor, accelerator, same_as)
     loader = accelerator.prepare(eval_dataloader(split.table, batch_size, model.config.decoder_start_token_id))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
+    log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
-                      model.generation_config.language, description=f"evaluate {name}")
+                      model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}")
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
     return ModelEvaluation(metrics, utterance_rows(result.predictions, split.table)), split
 

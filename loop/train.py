@@ -27,6 +27,7 @@ from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
 from loop.evaluation import EvalResult, evaluate
+from loop.features import LogMel
 from loop.files import write_json_atomic, write_text_atomic
 from loop.loaders import eval_dataloader, train_dataloader
 from loop.loss import IGNORE_INDEX, token_losses
@@ -52,6 +53,8 @@ class Run:
     test_loader: DataLoader
     data: PreparedData
     state: LoopState
+    log_mel: LogMel
+    """The model's log-mel features, computed per batch on the accelerator."""
 
 
 class StopRequested:
@@ -124,8 +127,9 @@ def setup(config: RunConfig) -> Run:
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
         accelerator.print(data.reports["train"].summary())
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
+    log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state)
+               test_loader, data, state, log_mel)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -242,6 +246,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         with accelerator.accumulate(model):
+            batch["input_features"] = run.log_mel(batch["audio"])  # on the accelerator, from the batch's audio
             token_loss_sum = token_losses(model, batch).sum()
             accelerator.backward(token_loss_sum * scale)
             loss_sum += token_loss_sum.detach().float()
@@ -276,7 +281,7 @@ def run_selection_eval(run: Run) -> EvalResult:
     config, accelerator, state = run.config, run.accelerator, run.state
     references = run.data.selection["text"]
     result = evaluate(run.model, run.selection_loader, accelerator, run.processor.tokenizer, references,
-                      config.model.language, description=f"eval step {state.step}")
+                      config.model.language, log_mel=run.log_mel, description=f"eval step {state.step}")
     wer = result.metrics["wer"]
     if state.step == 0:
         state.initial_wer = wer
@@ -334,7 +339,7 @@ def finish(run: Run) -> dict:
     best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation)
     best = accelerator.prepare_model(best, evaluation_mode=True)
     test = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer, run.data.test["text"],
-                    config.model.language, description="test")
+                    config.model.language, log_mel=run.log_mel, description="test")
     accelerator.log({f"test/{k}": test.metrics[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer")},
                     step=state.step)
     results = build_results(config, state, test.metrics, selection_split=run.data.selection_split,

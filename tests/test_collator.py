@@ -14,9 +14,10 @@ def collator(processor):
     return SpeechSeq2SeqCollator(processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>"))
 
 
-def row(labels, index=0, frames=1000, value=0.0, duration=1.5):
-    return {"input_features": np.full((80, frames), value, dtype=np.float32), "labels": np.array(labels),
-            "duration": np.float32(duration), "index": index}
+def row(labels, index=0, samples=1000, value=0, scale=1 / 32767, duration=1.5):
+    """A prepared row as the loader reads it: int16 audio and its scale (loop.audio.quantize)."""
+    return {"audio": np.full(samples, value, dtype=np.int16), "audio_scale": np.float32(scale),
+            "labels": np.array(labels), "duration": np.float32(duration), "index": index}
 
 
 def test_labels_padded_with_minus_100_and_start_token_stripped(processor, collator):
@@ -47,28 +48,23 @@ def test_start_token_kept_when_not_every_row_has_it(collator, processor):
 
 def test_exact_tensors():
     collator = SpeechSeq2SeqCollator(SOT)
-    rows = [row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, 8, 9, EOT], 5, frames=4, value=1.0, duration=2.0),
-            row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, EOT], 9, frames=4, value=2.0, duration=0.5)]
+    rows = [row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, 8, 9, EOT], 5, samples=4, value=2, scale=0.5, duration=2.0),
+            row([SOT, HI, TRANSCRIBE, NOTIMESTAMPS, 7, EOT], 9, samples=3, value=-4, scale=0.5, duration=0.5)]
     batch = collator(rows)
     expected = torch.tensor([[HI, TRANSCRIBE, NOTIMESTAMPS, 7, 8, 9, EOT],
                              [HI, TRANSCRIBE, NOTIMESTAMPS, 7, EOT, -100, -100]])
     assert torch.equal(batch["labels"], expected)
-    assert batch["input_features"].shape == (2, 80, 4)
-    assert batch["input_features"][1].unique().tolist() == [2.0]
+    assert torch.equal(batch["audio"], torch.tensor([[1.0, 1.0, 1.0, 1.0], [-2.0, -2.0, -2.0, 0.0]]))
+    assert batch["audio_lengths"].tolist() == [4, 3]
     assert batch["durations"].tolist() == [2.0, 0.5]
     assert batch["index"].tolist() == [5, 9]
 
 
-def test_features_stack_in_row_order(collator):
-    batch = collator([row([1, 2], 0, value=0.5), row([1, 2], 1, value=-0.25)])
-    assert batch["input_features"].shape == (2, 80, 1000)
-    assert batch["input_features"].dtype == torch.float32
-    assert batch["input_features"][0, 0, 0].item() == 0.5
-    assert batch["input_features"][1, 79, 999].item() == -0.25
-
-
-def test_rows_of_different_feature_shapes_are_named():
-    collator = SpeechSeq2SeqCollator(SOT)
-    with pytest.raises(ValueError, match=r"rows \[3, 4\] have features of different shapes"):
-        collator([row([SOT, 7, EOT], 3, frames=10), row([SOT, 7, EOT], 4, frames=12)])
-
+def test_audio_is_scaled_back_and_zero_padded_in_row_order(collator):
+    """int16 samples times their row's scale, each row zero after its clip (LogMel relies on that)."""
+    batch = collator([row([1, 2], 0, samples=5, value=16384, scale=2 / 32767), row([1, 2], 1, samples=8, value=-3)])
+    assert batch["audio"].shape == (2, 8) and batch["audio"].dtype == torch.float32
+    assert batch["audio"][0, :5].tolist() == pytest.approx([16384 * 2 / 32767] * 5)
+    assert batch["audio"][0, 5:].tolist() == [0.0, 0.0, 0.0]
+    assert batch["audio"][1].tolist() == pytest.approx([-3 / 32767] * 8)
+    assert batch["audio_lengths"].tolist() == [5, 8]

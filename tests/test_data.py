@@ -1,4 +1,4 @@
-"""Preparation: features, labels and durations; bad rows counted by reason; implausible rows skipped in training
+"""Preparation: audio, labels and durations; bad rows counted by reason; implausible rows skipped in training
 and flagged in evaluation; the `.map` cache; parallel workers; the speaker-disjoint selection slice; build_datasets,
 empty training splits, scripts/prepare_data.py and scripts/train.py's error for them."""
 
@@ -111,13 +111,21 @@ def test_no_shipped_row_is_implausible_and_the_defaults_leave_room(prepared_corp
         assert 10 * defaults.min_chars_per_second < min(rates) and max(rates) < defaults.max_chars_per_second / 2
 
 
-def test_features_are_80_by_500_float32_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
+def test_the_cache_holds_the_decoded_audio_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
+    """Audio, not features: each row's int16 samples times its scale are the clip decoded and resampled to 16 kHz
+    (to half a step of its scale), as many samples as its duration says; 2 bytes a sample."""
+    from loop.audio import decode_audio, dequantize
+
     fe = processor.feature_extractor
     assert (fe.feature_size, fe.nb_max_frames, fe.chunk_length) == (80, 500, 5)  # the tiny model's 5-s window
-    table = prepared_corpus.test.with_format("numpy")
-    features = table[:4]["input_features"]
-    assert features.shape == (4, 80, 500) and features.dtype == np.float32
-    assert np.isfinite(features).all() and features.std() > 0.1  # log-mel of speech, not the zero placeholder
+    table = prepared_corpus.test
+    assert table.features["audio"].feature.dtype == "int16" and "input_features" not in table.column_names
+    for row in table.with_format("numpy").select(range(4)):
+        clip = decode_audio(row["audio_path"])
+        restored = dequantize(row["audio"], row["audio_scale"])
+        assert len(restored) == len(clip) == round(row["duration"] * 16000)
+        assert np.abs(restored - clip).max() <= row["audio_scale"] * (0.5 + 1e-3)
+        assert clip.std() > 0.01  # speech, not the empty placeholder of a skipped row
     listed = listed_durations(corpus_dir)
     for split in ("train", "selection", "test"):
         table = getattr(prepared_corpus, split)
@@ -263,7 +271,7 @@ def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path
     second, report = prepare_small(small_utterances, processor, cache)
     assert cache_files(cache) == written  # read from the cache, not prepared again
     assert second["labels"] == first["labels"] and (report.read, report.kept) == (16, 16)
-    np.testing.assert_array_equal(second.with_format("numpy")["input_features"], first.with_format("numpy")["input_features"])
+    assert second["audio"] == first["audio"] and second["audio_scale"] == first["audio_scale"]
 
 
 def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, tmp_path, corpus_dir):
@@ -293,8 +301,7 @@ def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor
     assert sorted(os.listdir(tmp_path / "parallel"))[-1].endswith("_00001_of_00002.arrow")  # two shards: two workers
     assert (report.read, report.kept) == (16, 16) and parallel["id"] == serial["id"]
     assert parallel["labels"] == serial["labels"]
-    np.testing.assert_allclose(parallel.with_format("numpy")["input_features"],
-                               serial.with_format("numpy")["input_features"], atol=1e-5)
+    assert parallel["audio"] == serial["audio"] and parallel["audio_scale"] == serial["audio_scale"]
     written = cache_files(tmp_path / "parallel")
     with deadline(120):
         again, _ = prepare_small(small_utterances, processor, tmp_path / "parallel", num_proc=2)
@@ -442,6 +449,7 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     import torch
 
     from loop.collator import SpeechSeq2SeqCollator
+    from loop.audio import dequantize
     from loop.loaders import Rows, longest_first
 
     table = prepared_corpus.test
@@ -454,7 +462,9 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     assert all(torch.equal(one[key], other[key]) for key in one)
     first = next(iter(torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collator)))
     assert first["index"].tolist() == rows.order[:4]
-    assert torch.equal(first["input_features"][1], torch.tensor(table[rows.order[1]]["input_features"]))
+    second = table.with_format("numpy")[rows.order[1]]
+    assert torch.equal(first["audio"][1, : len(second["audio"])],
+                       torch.from_numpy(dequantize(second["audio"], second["audio_scale"])))
 
 
 # --- packing consecutive utterances into one window ----------------------------------------------------------
@@ -462,10 +472,9 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
 def test_packing_joins_consecutive_utterances_within_the_window(small_utterances, processor, tmp_path):
     """Every usable utterance lands in exactly one packed row, in order; a row's audio is its utterances' audio
     end to end within the window, its labels are its joined transcript's, and the next utterance did not fit."""
-    from loop.audio import decode_audio
-    from loop.features import log_mel_features
+    from loop.audio import decode_audio, dequantize
 
-    fe, tokenizer = processor.feature_extractor, processor.tokenizer
+    tokenizer = processor.tokenizer
     single, _ = prepare_small(small_utterances, processor, tmp_path)
     packed, report = prepare_small(small_utterances, processor, tmp_path, pack_to_seconds=5.0)
     assert set(single["utterances"]) == {1}
@@ -489,7 +498,7 @@ def test_packing_joins_consecutive_utterances_within_the_window(small_utterances
     pair = next(g for g in groups if len(g) >= 2)
     audio = np.concatenate([decode_audio(small_utterances[i]["audio_path"]) for i in pair])
     row = packed.with_format("numpy")[groups.index(pair)]
-    np.testing.assert_allclose(row["input_features"], log_mel_features([audio], fe)[0], atol=1e-5)
+    np.testing.assert_allclose(dequantize(row["audio"], row["audio_scale"]), audio, atol=row["audio_scale"])
 
 
 def test_packing_respects_the_label_limit_and_tokenizes_each_join_once():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from loop.audio import SAMPLE_RATE, decode_audio
+from loop.audio import SAMPLE_RATE, as_cached, decode_audio
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MAX_DURATION_S = 20.0  # the checkpoint's window is 5 s: a 12-s clip is long-form, a 25-s clip is over the limit
@@ -74,8 +74,8 @@ def test_transcript_equals_transcribe(client, decoding_checkpoint, clips):
     from loop.model import load_for_inference
 
     model, processor = load_for_inference(str(decoding_checkpoint))
-    features = processor.feature_extractor(decode_audio(clips[0]), sampling_rate=SAMPLE_RATE,
-                                           return_tensors="pt").input_features
+    features = processor.feature_extractor(as_cached(decode_audio(clips[0])), sampling_rate=SAMPLE_RATE,
+                                           return_tensors="pt").input_features  # the extractor's own features
     expected = transcribe(model, features, processor.tokenizer)[0]
     text, seconds = client.predict(handle_file(str(clips[0])), "hi", "transcribe", api_name="/transcribe")
     assert text == expected and text
@@ -100,6 +100,7 @@ def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_cli
     from gradio_client import handle_file
 
     from loop.demo import Transcriber, transcribe_long
+    from loop.features import pad_waveforms
 
     text, _ = client.predict(handle_file(long_clip), "hi", "transcribe", api_name="/transcribe")
     assert isinstance(text, str)
@@ -115,7 +116,8 @@ def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_cli
     assert direct == text and seconds > 0
     assert len(encoded) >= math.ceil(len(decode_audio(long_clip)) / SAMPLE_RATE / transcriber.window_s) >= 3
     assert all(shape[0] == 1 and shape[-1] == window_frames for shape in encoded)
-    assert direct == transcribe_long(transcriber.model, transcriber.processor, decode_audio(long_clip))
+    audio, _ = pad_waveforms([as_cached(decode_audio(long_clip))])
+    assert direct == transcribe_long(transcriber.model, transcriber.log_mel, transcriber.processor.tokenizer, audio)
 
 
 def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, clips):
