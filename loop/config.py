@@ -137,6 +137,12 @@ class ModelConfig:
     """Dropout probability in the transformer layers."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel: `sdpa` (PyTorch scaled dot-product attention) or `eager`."""
+    encoder_window: Literal["full", "dynamic"] = "full"
+    """Frames the encoder sees: `full` (the recipe's 30-s window, every clip padded to it) or `dynamic` (per batch,
+    the longest clip rounded up to `encoder_window_multiple_s`; saved in the model's config.json, so evaluation and
+    the demo decode the same way)."""
+    encoder_window_multiple_s: Annotated[float, Range(low=0, high=30, low_open=True)] = 1.0
+    """With `encoder_window: dynamic`: the window is a multiple of this many seconds (fewer distinct shapes)."""
 
 
 @dataclass
@@ -166,6 +172,9 @@ class TrainConfig:
     """Checkpoints kept (the best one is never deleted)."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
+    group_by_length: bool = False
+    """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
+    padding, and a short window for every row with `model.encoder_window: dynamic`."""
     dataloader_num_workers: NotNegative = 0
     """DataLoader worker processes."""
     resume: bool = False
@@ -273,7 +282,7 @@ def flat_hparams(config: RunConfig) -> dict:
 # options that only say how to prepare (processes, cache folder, strictness) are not among them.
 NOT_FIXED_ON_RESUME = {"data.num_proc", "data.cache_dir", "data.strict", "data.max_eval_samples"}
 FIXED_ON_RESUME = {option for option in option_names() if option.startswith("data.")} - NOT_FIXED_ON_RESUME | {
-    "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed",
+    "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed", "train.group_by_length",
     "model.name_or_path", "model.freeze_encoder",
 }
 NEVER_COMPARED = {"output_dir", "train.resume", "train.overwrite_output_dir", "train.allow_config_change"}

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loop.collator import SpeechSeq2SeqCollator
+from loop.samplers import LengthGroupedSampler
 
 
 class Rows(torch.utils.data.Dataset):
@@ -64,10 +65,12 @@ def _common(decoder_start_token_id: int, num_workers: int) -> dict:
 
 
 def train_dataloader(table: datasets.Dataset, batch_size: int, seed: int, decoder_start_token_id: int,
-                     num_workers: int = 0) -> DataLoader:
+                     num_workers: int = 0, group_by_length: bool = False) -> DataLoader:
     """Shuffled with a seeded generator of its own, so the order does not draw on the global RNG (which a
-    resume restores) and an epoch's order is the same after a resume."""
-    return DataLoader(Rows(table), batch_size=batch_size, shuffle=True, drop_last=False,
+    resume restores) and an epoch's order is the same after a resume. With `group_by_length`, batches of similar
+    `duration` in an order set by (seed, epoch) (`loop.samplers`)."""
+    sampler = LengthGroupedSampler(table["duration"], batch_size, seed) if group_by_length else None
+    return DataLoader(Rows(table), batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
                       generator=torch.Generator().manual_seed(seed),
                       **_common(decoder_start_token_id, num_workers))
 

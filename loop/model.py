@@ -7,6 +7,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from loop.config import EvalConfig, ModelConfig, resolve_path
+from loop.encoder_window import allow_short_inputs, record_encoder_window, saved_encoder_window
 
 
 class ModelLoadError(RuntimeError):
@@ -57,6 +58,7 @@ def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tu
                          mask_feature_prob=config.mask_feature_prob)
     processor = load_processor(config.name_or_path, config.language, config.task)
     set_generation_settings(model, config.language, config.task, eval_config)
+    set_encoder_window(model, config.encoder_window, config.encoder_window_multiple_s)
     model.config.use_cache = False  # the cache only serves generation; training would keep it for nothing
     if config.freeze_encoder:
         model.freeze_encoder()
@@ -85,6 +87,14 @@ def set_generation_settings(model, language: str, task: str, eval_config: EvalCo
         settings.num_beams = eval_config.generation_num_beams
 
 
+def set_encoder_window(model, window: str, multiple_s: float) -> None:
+    """The encoder window the model trains or decodes with, recorded in its config (`loop.encoder_window`); with
+    `dynamic` its encoder takes features shorter than the full window."""
+    if window == "dynamic":
+        allow_short_inputs(model)
+    record_encoder_window(model, window, multiple_s)
+
+
 def load_for_inference(
     name_or_path: str,
     *,
@@ -92,13 +102,17 @@ def load_for_inference(
     task: str | None = None,
     num_beams: int | None = None,
     max_length: int | None = None,
+    encoder_window: str | None = None,
     fallback_language: str = "hindi",
     attn_implementation: str = "sdpa",
 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     """A saved model in eval mode, decoding as its folder says: the generation config saved with every model of
-    the loop carries language, task, max_length and num_beams. Arguments that are not None override those; a
-    checkpoint that names no language (a Hub base model) gets `fallback_language`."""
+    the loop carries language, task, max_length and num_beams, its config the encoder window it was trained with.
+    Arguments that are not None override those; a checkpoint that names no language (a Hub base model) gets
+    `fallback_language`."""
     model = load_weights(name_or_path, attn_implementation)
+    saved_window, multiple_s = saved_encoder_window(model)
+    set_encoder_window(model, encoder_window or saved_window, multiple_s)
     settings = model.generation_config
     language = language or getattr(settings, "language", None) or fallback_language
     task = task or getattr(settings, "task", None) or "transcribe"
