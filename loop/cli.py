@@ -44,7 +44,7 @@ def options_help(sections: tuple[str, ...]) -> str:
 def _default(spec: dataclasses.Field):
     value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(map(str, value))
     return str(value).lower() if isinstance(value, bool) else value
 
 

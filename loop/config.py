@@ -53,6 +53,7 @@ class Range:
 AtLeastOne = Annotated[int, Range(low=1)]
 NotNegative = Annotated[int, Range(low=0)]
 Probability = Annotated[float, Range(low=0, high=1, high_open=True)]
+Share = Annotated[float, Range(low=0, high=1)]  # a share of rows, where all of them (1) is allowed
 
 
 class ConfigError(ValueError):
@@ -216,6 +217,30 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    speed_perturbation: bool = False
+    """Resample each training row at one of `speed_factors`, drawn uniformly (tempo and pitch change together,
+    as sox's `speed`). A row that slowing would push past the model's window keeps its speed."""
+    speed_factors: Annotated[list[float], Range(low=0.5, high=2)] = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    """Speed factors for `speed_perturbation` (1.1: 10% faster and shorter); Kaldi's three by default."""
+    noise_probability: Share = 0.0
+    """Share of training rows that get additive noise (0: off)."""
+    snr_db_low: float = 10.0
+    """Lowest signal-to-noise ratio of the added noise, in dB of the row's own speech power."""
+    snr_db_high: float = 30.0
+    """Highest signal-to-noise ratio; each noised row draws its SNR uniformly between the two."""
+    noise_dir: str = ""
+    """Folder of noise clips (WAV, FLAC, OGG, Opus or MP3, searched recursively, resampled to 16 kHz), a random
+    excerpt per noised row; empty: white Gaussian noise."""
+    gain_probability: Share = 0.0
+    """Share of training rows whose level is changed by a random gain (0: off)."""
+    gain_db_low: float = -6.0
+    """Lowest gain in dB."""
+    gain_db_high: float = 6.0
+    """Highest gain in dB; each row draws its gain uniformly between the two."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/whisper-small-hi"
     """Folder for checkpoints, TensorBoard logs, `best/` and `results.json`."""
@@ -223,9 +248,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+            "augment": AugmentConfig}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -277,11 +304,13 @@ def flat_hparams(config: RunConfig) -> dict:
     return flatten(to_dict(config))
 
 
-# Settings whose change makes a resumed run differ from an uninterrupted one: the rows and their order (data,
-# batch, accumulation, seed) or the parameters the optimizer state belongs to (model, frozen encoder). The data
-# options that only say how to prepare (processes, cache folder, strictness) are not among them.
+# Settings whose change makes a resumed run differ from an uninterrupted one: the rows, their order and what
+# augmentation makes of them (data, augment, batch, accumulation, seed) or the parameters the optimizer state
+# belongs to (model, frozen encoder). The data options that only say how to prepare (processes, cache folder,
+# strictness) are not among them.
 NOT_FIXED_ON_RESUME = {"data.num_proc", "data.cache_dir", "data.strict", "data.max_eval_samples"}
-FIXED_ON_RESUME = {option for option in option_names() if option.startswith("data.")} - NOT_FIXED_ON_RESUME | {
+FIXED_ON_RESUME = {option for option in option_names()
+                   if option.startswith(("data.", "augment."))} - NOT_FIXED_ON_RESUME | {
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed", "train.group_by_length",
     "model.name_or_path", "model.freeze_encoder",
 }

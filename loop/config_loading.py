@@ -58,6 +58,10 @@ def _coerce(value, kind, where: str, problems: list[str]):
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {value!r}")
             return None
+        (item,) = typing.get_args(kind) or (str,)
+        if item is not str:  # list[float]: each item as a number, each bad one reported
+            items = [_coerce(v, item, f"{where}[{index}]", problems) for index, v in enumerate(value)]
+            return None if None in items else items
         return [str(v) for v in value]
     if kind is bool:
         if isinstance(value, bool):
@@ -155,8 +159,9 @@ def field_problems(config: RunConfig, section: str) -> list[str]:
         if choices and value not in choices:
             problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
         for limit in (extra for extra in extras if isinstance(extra, Range)):
-            if not limit.allows(value):
-                problems.append(f"{option} must be {limit.describe()}, got {value}")
+            for item in value if isinstance(value, list) else [value]:  # a list's bounds hold for every item
+                if not limit.allows(item):
+                    problems.append(f"{option} must be {limit.describe()}, got {item}")
     return problems
 
 
@@ -193,7 +198,23 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
-    return problems + field_problems(config, "eval")
+    return problems + field_problems(config, "eval") + _augment_problems(config)
+
+
+def _augment_problems(config: RunConfig) -> list[str]:
+    """The augment section: its fields, the ranges' ends in order, the noise folder there (its clips are read,
+    and an empty folder refused, when `loop.augment.Augmenter` is built)."""
+    a = config.augment
+    problems = field_problems(config, "augment")
+    if a.speed_perturbation and not a.speed_factors:
+        problems.append("augment.speed_factors must name at least one factor with augment.speed_perturbation")
+    for name in ("snr_db", "gain_db"):
+        low, high = getattr(a, f"{name}_low"), getattr(a, f"{name}_high")
+        if low > high:
+            problems.append(f"augment.{name}_low ({low:g}) must not be above augment.{name}_high ({high:g})")
+    if a.noise_dir and not resolve_path(a.noise_dir).is_dir():
+        problems.append(f"augment.noise_dir {a.noise_dir!r} is not a folder")
+    return problems
 
 
 def config_warnings(config: RunConfig) -> list[str]:

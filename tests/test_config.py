@@ -187,7 +187,7 @@ def test_short_forms_and_options_without_a_section():
 
 
 @pytest.mark.parametrize("script, sections", [
-    ("train", ("data", "model", "train", "eval")), ("prepare_data", ("data", "model")),
+    ("train", ("data", "model", "train", "eval", "augment")), ("prepare_data", ("data", "model")),
     ("evaluate", ("data", "model", "eval")),
 ])
 def test_help_lists_every_option_with_its_docstring(script, sections, capsys):

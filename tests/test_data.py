@@ -448,8 +448,8 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     returns, in the loader's order, and they collate to equal batches."""
     import torch
 
-    from loop.collator import SpeechSeq2SeqCollator
     from loop.audio import dequantize
+    from loop.collator import SpeechSeq2SeqCollator
     from loop.loaders import Rows, longest_first
 
     table = prepared_corpus.test
