@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
 from loop.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
+from loop.encoder_window import batch_features  # noqa: E402
 from loop.evaluation import transcribe  # noqa: E402
 from loop.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model import language_code, load_for_inference  # noqa: E402
@@ -39,8 +40,9 @@ class Transcriber:
     """A saved model and its processor, decoding one file at a time as the model folder says (language and task
     can be chosen per call)."""
 
-    def __init__(self, model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S):
-        self.model, self.processor = load_for_inference(str(model_dir))
+    def __init__(self, model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+                 encoder_window: str | None = None):
+        self.model, self.processor = load_for_inference(str(model_dir), encoder_window=encoder_window)
         self.log_mel = LogMel(self.processor.feature_extractor)
         self.max_duration_s = max_duration_s
         self.lock = threading.Lock()  # the generation config is switched per call: one call at a time
@@ -67,7 +69,8 @@ class Transcriber:
         with self.lock, decoding_as(self.model, language, task):
             audio, _ = pad_waveforms([as_cached(waveform)])  # the samples evaluation decodes from its cache
             if len(waveform) <= self.window_s * SAMPLE_RATE:
-                text = transcribe(self.model, self.log_mel(audio), self.processor.tokenizer)[0]
+                features = batch_features(self.model, self.log_mel, audio)
+                text = transcribe(self.model, features, self.processor.tokenizer)[0]
             else:
                 text = transcribe_long(self.model, self.log_mel, self.processor.tokenizer, audio)
         return text, time.perf_counter() - started
@@ -153,9 +156,10 @@ def make_blocks(transcriber: Transcriber, title: str = "whisper-loop demo") -> g
     return app
 
 
-def build_app(model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> gr.Blocks:
+def build_app(model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+              encoder_window: str | None = None) -> gr.Blocks:
     """The demo app for a saved model folder (or Hub id); launch it with `launch()` or `app.launch(...)`."""
-    return make_blocks(Transcriber(model_dir, max_duration_s), title=f"whisper-loop: {model_dir}")
+    return make_blocks(Transcriber(model_dir, max_duration_s, encoder_window), title=f"whisper-loop: {model_dir}")
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,

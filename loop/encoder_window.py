@@ -130,3 +130,16 @@ def saved_encoder_window(model_or_config) -> tuple[str, float]:
     if window not in WINDOWS:
         raise ValueError(f"the model's config.json has encoder_window {window!r}; expected one of {', '.join(WINDOWS)}")
     return window, float(getattr(config, "encoder_window_multiple_s", DEFAULT_MULTIPLE_S))
+
+
+def batch_features(model, log_mel, audio: torch.Tensor) -> torch.Tensor:
+    """The log-mel features of a padded batch of audio (batch, samples) at the window the model's config records:
+    the full window, or with `dynamic` the batch's longest clip rounded up to the recorded multiple. The batch's
+    width is its longest clip (the collator pads to it), so no length is read back from the device."""
+    config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    window, multiple_s = saved_encoder_window(config)
+    if window != "dynamic":
+        return log_mel(audio)
+    frames = window_frames([audio.shape[1]], log_mel.hop_length, multiple_s, log_mel.sampling_rate,
+                           full_window_frames(config))
+    return log_mel(audio, n_frames=frames)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from loop.encoder_window import batch_features, generation_inputs
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.metrics import compute_metrics
 
@@ -33,7 +34,7 @@ def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cros
     (a cache filled by a decoder pass over the same encoder output) neither are the decoder's projections of it."""
     settings = model.generation_config
     # A copy: for beam search generate repeats the encoder output's rows in place, in the object it is given.
-    inputs = ({"input_features": input_features} if encoder_outputs is None
+    inputs = (generation_inputs(model, input_features) if encoder_outputs is None
               else {"encoder_outputs": copy.copy(encoder_outputs)})
     if cross_attention is not None and shares_cross_attention(settings):
         inputs["cache"] = EncoderDecoderCache(DynamicCache(), cross_attention)
@@ -74,7 +75,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
             with accelerator.autocast():
                 # One encoder pass serves both the loss and generation, and so do the decoder's cross-attention
                 # keys and values of it, which the loss pass leaves in `cache`.
-                features = log_mel(batch["audio"])
+                features = batch_features(generator, log_mel, batch["audio"])
                 encoder_outputs = generator.get_encoder()(features)
                 loss_sum, tokens, cross_attention = None, None, None
                 if compute_loss:

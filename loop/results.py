@@ -24,9 +24,9 @@ def package_versions() -> dict:
 
 
 def build_results(config, state, test_metrics: dict, *, selection_split: str, data_report: dict,
-                  num_processes: int, mixed_precision: str) -> dict:
+                  num_processes: int, mixed_precision: str, test_by_window: dict | None = None) -> dict:
     """The contents of results.json. `state` is the loop's `LoopState`, `test_metrics` the held-out split's
-    metrics of `best/`."""
+    metrics of `best/` at the window it trained with; `test_by_window` the same at each window it was scored at."""
     t = config.train
     final = state.evaluations[-1] if state.evaluations else {}
     return {
@@ -40,6 +40,9 @@ def build_results(config, state, test_metrics: dict, *, selection_split: str, da
         "test_normalized_cer": test_metrics["normalized_cer"],
         "test_utterances": test_metrics["num_utterances"],
         "test_split": config.data.eval_split,
+        "encoder_window": config.model.encoder_window,
+        "test_by_window": {window: {key: metrics[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer")}
+                           for window, metrics in (test_by_window or {}).items()},
         "selection_split": selection_split,
         "selection_leaks_test": config.eval.select_on == "test",
         "steps": state.step,

@@ -18,6 +18,7 @@ from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.config import RunConfig
 from loop.config_loading import parse_overrides
 from loop.data import build_eval_split
+from loop.encoder_window import saved_encoder_window
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic
@@ -44,13 +45,15 @@ class DecodeOverrides:
     task: str | None = None
     num_beams: int | None = None
     max_length: int | None = None
+    encoder_window: str | None = None
+    """`full` or `dynamic`; None: the window the model was trained with (its config.json records it)."""
 
     @classmethod
     def from_command_line(cls, language: str | None, task: str | None, num_beams: int | None,
-                          overrides: list[str]) -> DecodeOverrides:
-        """`--language/--task/--num_beams`, else the same settings given as `--model.language`, `--model.task`,
-        `--eval.generation_num_beams`, `--eval.generation_max_length` (a preset's values do not override the
-        model folder: only what the user typed does)."""
+                          overrides: list[str], encoder_window: str | None = None) -> DecodeOverrides:
+        """`--language/--task/--num_beams/--encoder_window`, else the same settings given as `--model.language`,
+        `--model.task`, `--eval.generation_num_beams`, `--eval.generation_max_length`, `--model.encoder_window`
+        (a preset's values do not override the model folder: only what the user typed does)."""
         typed, _ = parse_overrides(overrides)
         model, evaluation = typed.get("model", {}), typed.get("eval", {})
         beams = num_beams if num_beams is not None else evaluation.get("generation_num_beams")
@@ -60,6 +63,7 @@ class DecodeOverrides:
             task=task or model.get("task"),
             num_beams=int(beams) if beams is not None else None,
             max_length=int(max_length) if max_length is not None else None,
+            encoder_window=encoder_window or model.get("encoder_window"),
         )
 
 
@@ -74,7 +78,7 @@ class ModelEvaluation:
 def decoding_settings(model) -> dict:
     settings = model.generation_config
     return {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams or 1,
-            "max_length": settings.max_length}
+            "max_length": settings.max_length, "encoder_window": saved_encoder_window(model)[0]}
 
 
 def summary_metrics(name: str, split: str, result: EvalResult, report: SplitReport, model,

@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from loop.accelerator import build_accelerator, resolve_mixed_precision
+from loop.augment import Augmenter, step_generator
 from loop.best_model import best_dir, write_best_model
 from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
+from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic, write_text_atomic
@@ -55,6 +57,8 @@ class Run:
     state: LoopState
     log_mel: LogMel
     """The model's log-mel features, computed per batch on the accelerator."""
+    augmenter: Augmenter
+    """Speed, noise and gain on the training audio (`augment.*`), seeded per step; off by default."""
 
 
 class StopRequested:
@@ -94,6 +98,8 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(f"warning: {warning}")
     prepare_output_dir(config, accelerator)
     model, processor = load_model(config.model, config.eval)
+    augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
+    accelerator.print(augmenter.describe())
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
         data = build_datasets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
@@ -129,7 +135,7 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state, log_mel)
+               test_loader, data, state, log_mel, augmenter)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -137,7 +143,8 @@ def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataL
     start, workers = model.config.decoder_start_token_id, config.train.dataloader_num_workers
     eval_batch = config.eval.per_device_eval_batch_size
     return (
-        train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers),
+        train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers,
+                         group_by_length=config.train.group_by_length),
         eval_dataloader(data.selection, eval_batch, start, workers),
         eval_dataloader(data.test, eval_batch, start, workers),
     )
@@ -244,9 +251,14 @@ def optimizer_step(run: Run, batches) -> StepFigures:
     # is exactly d(sum of token losses / step_tokens).
     scale = accelerator.num_processes * t.gradient_accumulation_steps / step_tokens
     loss_sum = torch.zeros((), device=accelerator.device)
-    for batch in micro_batches:
+    for number, batch in enumerate(micro_batches):
         with accelerator.accumulate(model):
-            batch["input_features"] = run.log_mel(batch["audio"])  # on the accelerator, from the batch's audio
+            audio = batch["audio"]
+            if run.augmenter.enabled:  # its draws depend on the step, so a resumed run augments as it did
+                generator = step_generator(t.seed, run.state.step, number, accelerator.process_index, audio.device)
+                audio, _ = run.augmenter(audio, batch["audio_lengths"], generator)
+            # Log-mel on the accelerator, at the model's window (full, or cut to the batch's longest clip).
+            batch["input_features"] = batch_features(model, run.log_mel, audio)
             token_loss_sum = token_losses(model, batch).sum()
             accelerator.backward(token_loss_sum * scale)
             loss_sum += token_loss_sum.detach().float()
@@ -333,18 +345,24 @@ def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:
 
 
 def finish(run: Run) -> dict:
-    """Evaluates the best model once on the held-out split and writes results.json."""
+    """Evaluates the best model on the held-out split and writes results.json: at the window it trained with and,
+    for a dynamic window, at the full 30-s window too (other tools, the Hub pipeline and faster-whisper, always
+    pad to it)."""
     config, accelerator, state = run.config, run.accelerator, run.state
     best_folder = best_dir(config.output_dir)
-    best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation)
-    best = accelerator.prepare_model(best, evaluation_mode=True)
-    test = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer, run.data.test["text"],
-                    config.model.language, log_mel=run.log_mel, description="test")
-    accelerator.log({f"test/{k}": test.metrics[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer")},
-                    step=state.step)
-    results = build_results(config, state, test.metrics, selection_split=run.data.selection_split,
+    by_window = {}
+    for window in dict.fromkeys([config.model.encoder_window, "full"]):
+        best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation,
+                                     encoder_window=window)
+        best = accelerator.prepare_model(best, evaluation_mode=True)
+        by_window[window] = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer,
+                                     run.data.test["text"], config.model.language, log_mel=run.log_mel,
+                                     description=f"test ({window} window)").metrics
+    test = by_window[config.model.encoder_window]
+    accelerator.log({f"test/{k}": test[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer")}, step=state.step)
+    results = build_results(config, state, test, selection_split=run.data.selection_split,
                             data_report=run.data.report_dict(), num_processes=accelerator.num_processes,
-                            mixed_precision=accelerator.mixed_precision)
+                            mixed_precision=accelerator.mixed_precision, test_by_window=by_window)
     if accelerator.is_main_process:
         write_results(config.output_dir, results)
         write_model_card(best_folder, results, config)
@@ -353,7 +371,8 @@ def finish(run: Run) -> dict:
             accelerator.print(f"pushed {len(uploaded)} files of {best_folder} to {config.train.hub_model_id}")
         accelerator.print(
             f"done: selection WER {state.initial_wer} -> best {state.best_wer:.2f} at step {state.best_step}; "
-            f"{config.data.eval_split} WER of best/ {test.metrics['wer']:.2f}"
+            f"{config.data.eval_split} WER of best/ "
+            + ", ".join(f"{metrics['wer']:.2f} ({window} window)" for window, metrics in by_window.items())
             + ("  [recipe mode: the test split also chose the model]" if config.eval.select_on == "test" else "")
         )
     accelerator.end_training()

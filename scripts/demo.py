@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--max_duration_s", type=float, default=DEFAULT_MAX_DURATION_S,
                         help="longest audio transcribed, in seconds")
+    parser.add_argument("--encoder_window", default=None, choices=["full", "dynamic"],
+                        help="decode at the full window or cut to the clip (default: the model's own, from config.json)")
     parser.add_argument("--max_file_size", default=DEFAULT_MAX_FILE_SIZE, help="largest upload, e.g. 100mb")
     args = parser.parse_args(argv)
     try:
-        app = build_app(args.model, max_duration_s=args.max_duration_s)
+        app = build_app(args.model, max_duration_s=args.max_duration_s, encoder_window=args.encoder_window)
     except ModelLoadError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

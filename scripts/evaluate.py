@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--language", default=None, help="decode in this language (default: the model's own)")
     parser.add_argument("--task", default=None, choices=["transcribe", "translate"], help="default: the model's own")
     parser.add_argument("--num_beams", type=int, default=None, help="beam width (default: the model's own)")
+    parser.add_argument("--encoder_window", default=None, choices=["full", "dynamic"],
+                        help="decode at the full 30-s window or cut to each batch's longest clip (default: the window "
+                             "the model was trained with, as its config.json records)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="utterances per process per batch (default: eval.per_device_eval_batch_size)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     checked += [f"--model.language={args.language}"] if args.language else []
     try:
         config = load_config(args.config, checked, args.output_dir)
-        decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides)
+        decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides,
+                                                   args.encoder_window)
         metrics = run_evaluation(config, args.model, compare=args.compare, decode=decode, batch_size=args.batch_size,
                                  mixed_precision=args.mixed_precision, html=args.html,
                                  html_audio_mb=args.html_audio_mb)

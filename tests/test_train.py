@@ -183,9 +183,16 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, sess
     assert norm_two == pytest.approx(norm_one, rel=1e-5) and norm_one > 0
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir):
-    """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights."""
-    common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2")
+AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_probability=0.5",
+                     "--augment.gain_probability=0.5", "--model.encoder_window=dynamic", "--train.group_by_length=true")
+
+
+@pytest.mark.parametrize("extra", [(), AUGMENTED_DYNAMIC], ids=["plain", "augmented-dynamic-grouped"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
+    """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
+    with augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
+    common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
+              *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
     reset_accelerate()
     config = small_run(tmp_path, fast_model, session_cache_dir, *common, name="resumed")
@@ -209,6 +216,31 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache
     assert resumed["best_wer"] == straight["best_wer"] and resumed["test_wer"] == straight["test_wer"]
     kept = [step for step, _ in list_checkpoints(tmp_path / "resumed")]
     assert kept[-2:] == [9, 12] and len(kept) <= 3
+
+
+def test_a_dynamic_window_trains_on_short_features_and_is_scored_at_both_windows(tmp_path, fast_model,
+                                                                                 session_cache_dir):
+    """`model.encoder_window=dynamic`: the encoder sees each batch cut to its longest clip rounded up to 1 s (never
+    the full window: every shipped clip is under 4 s), the loss falls, best/ records the window (and loads as a
+    stock Whisper), and the test split is scored at the dynamic and at the full window."""
+    import json
+
+    config = small_run(tmp_path, fast_model, session_cache_dir, "--model.encoder_window=dynamic",
+                       "--train.group_by_length=true", "--train.max_steps=30", "--eval.eval_steps=30",
+                       "--train.save_steps=30", "--train.report_to=tensorboard")
+    run = setup(config)
+    frames = []
+    run.model.get_encoder().register_forward_pre_hook(lambda module, args: frames.append(args[0].shape[-1]))
+    assert fit(run) == ""
+    results = finish(run)
+    window = run.log_mel.window_frames  # 500 frames: the fast model's 5-s window
+    assert frames and set(frames) <= {100, 200, 300, 400} and min(frames) < window
+    losses = tensorboard_scalars(tmp_path / "run", "train/loss")
+    assert losses[30] < losses[1] * 0.8
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (saved["encoder_window"], saved["encoder_window_multiple_s"]) == ("dynamic", 1.0)
+    assert results["encoder_window"] == "dynamic" and set(results["test_by_window"]) == {"dynamic", "full"}
+    assert results["test_wer"] == results["test_by_window"]["dynamic"]["wer"]
 
 
 def test_results_json_and_outputs(tmp_path, fast_model, session_cache_dir):
