@@ -12,8 +12,8 @@ loop, reference, loop, reference, ..., so machine drift hits both sides and each
 Figures are medians over the repeats; ratios are ours / reference.
 
 Timed, on each side (benchmarks/sides.py):
-- data preparation, clips/s: the training clips -> a prepared Arrow table (decode, log-mel, tokenize, write).
-  Ours: `loop.data.prepare` (batched map). Reference: the blog's `prepare_dataset`, one example per call, on the
+- data preparation, clips/s: the training clips -> a prepared Arrow table. Ours: `loop.prepare.prepare` (decode,
+  resample, tokenize, write int16 audio: features are computed in the step). Reference: the blog's `prepare_dataset`, one example per call, on the
   feature extractor's NumPy STFT. Both decode with `loop.audio.decode_audio`.
 - training, samples/s: `timed_steps` optimizer steps after `warmup_steps`, data loading included. Ours:
   `loop.train.setup()`, then `loop.train.optimizer_step`, the function `fit()` runs once per step. Reference:
@@ -25,6 +25,9 @@ Timed, on each side (benchmarks/sides.py):
 - training with packed rows, utterances/s (ours only, `--packing`, a third process per repeat): the same steps on
   rows that each join consecutive clips up to the audio window (`data.pack_to_seconds`), against the reference's
   one utterance per row. Same model, batch of rows and step count; more utterances (and label tokens) per row.
+- training and evaluation at the dynamic encoder window (ours only, `--dynamic`, a fourth process per repeat):
+  `model.encoder_window=dynamic` with length-grouped batches (`train.group_by_length`), the same steps and clips.
+- the prepared cache's bytes per clip, both sides (ours: int16 audio and labels; the recipe: log-mel features).
 
 The report checks that both sides produced the same transcripts, and adds the analytic FLOPs (MFU on a GPU) and
 the memory estimate of the whisper-small-hi preset (benchmarks/estimates.py).
@@ -46,7 +49,7 @@ from benchmarks.estimates import whisper_small_hi_memory
 from benchmarks.settings import BenchSettings, parse_settings, validate
 from benchmarks.sides import ChildSpec
 from benchmarks.summary import format_report, machine_facts, summarize
-from benchmarks.workspace import PACKED, PROJECT, SIDES, Workspace, prepare_workspace
+from benchmarks.workspace import DYNAMIC, PACKED, PROJECT, SIDES, Workspace, prepare_workspace
 
 
 def run_child(side: str, settings: BenchSettings, workspace: Workspace, label: str) -> dict:
@@ -82,7 +85,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
     try:
         print(f"benchmark: shape {settings.shape}, workspace {root}", flush=True)
         workspace = prepare_workspace(settings, root)
-        processes = SIDES + ((PACKED,) if settings.packing else ())
+        processes = SIDES + ((PACKED,) if settings.packing else ()) + ((DYNAMIC,) if settings.dynamic else ())
         runs: dict[str, list[dict]] = {side: [] for side in processes}
         for repeat in range(settings.repeats):
             for side in processes:

@@ -98,6 +98,9 @@ class BenchSettings:
     """The `test` shape, one repeat: checks that the benchmark runs, measures nothing."""
     packing: bool = True
     """Also time our training on rows packed to the audio window (utterances/s; one more process per repeat)."""
+    dynamic: bool = True
+    """Also time our training and evaluation at the dynamic encoder window, batches grouped by length (one more
+    process per repeat)."""
     output: str = ""
     """JSON file for the results."""
     work_dir: str = ""

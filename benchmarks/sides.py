@@ -30,7 +30,7 @@ from benchmarks.reference_recipe import (
     reference_prepare,
 )
 from benchmarks.settings import LANGUAGE, TASK, BenchSettings
-from benchmarks.workspace import PACKED, Workspace, loop_config, manifest_rows, packed_config
+from benchmarks.workspace import DYNAMIC, PACKED, Workspace, dynamic_config, loop_config, manifest_rows, packed_config
 from loop.config import RunConfig
 from loop.data import SplitReport, prepare
 from loop.evaluation import evaluate
@@ -44,7 +44,8 @@ class ChildSpec:
     """What the parent asks one child process to time (written as JSON, since the child is a fresh process)."""
 
     side: str
-    """`loop`, `reference` or `packed` (ours, training only, on packed rows)."""
+    """`loop`, `reference`, `packed` (ours, training only, on packed rows) or `dynamic` (ours at the dynamic
+    encoder window, training and evaluation)."""
     settings: BenchSettings
     """Resolved settings."""
     root: Path
@@ -69,8 +70,9 @@ def time_loop_prep(config: RunConfig, processor) -> dict:
                         max_duration_s=config.data.max_duration_s, max_label_length=max_label_length,
                         num_proc=config.data.num_proc, cache_dir=fresh)
         seconds = time.perf_counter() - started
-        kept = len(table)
-    return {"clips": len(rows), "kept": kept, "seconds": seconds, "clips_per_second": len(rows) / seconds}
+        kept, cache_bytes = len(table), folder_bytes(fresh)
+    return {"clips": len(rows), "kept": kept, "seconds": seconds, "clips_per_second": len(rows) / seconds,
+            "cache_bytes_per_clip": cache_bytes / max(1, kept)}
 
 
 def time_reference_prep(settings: BenchSettings, workspace: Workspace, processor) -> dict:
@@ -82,8 +84,14 @@ def time_reference_prep(settings: BenchSettings, workspace: Workspace, processor
         table = reference_prepare(rows, numpy_path, processor.tokenizer, Path(fresh) / "train.arrow",
                                   settings.prep_num_proc)
         seconds = time.perf_counter() - started
-        kept = len(table)
-    return {"clips": len(rows), "kept": kept, "seconds": seconds, "clips_per_second": len(rows) / seconds}
+        kept, cache_bytes = len(table), folder_bytes(fresh)
+    return {"clips": len(rows), "kept": kept, "seconds": seconds, "clips_per_second": len(rows) / seconds,
+            "cache_bytes_per_clip": cache_bytes / max(1, kept)}
+
+
+def folder_bytes(folder) -> int:
+    """Bytes of every file below `folder`: what a prepared cache costs on disk."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 def time_loop_training(run: Run, warmup_steps: int, timed_steps: int) -> dict:
@@ -201,12 +209,17 @@ def quiet_libraries() -> None:
 
 
 def run_side(spec: ChildSpec) -> dict:
-    """One side, one repeat, in this (fresh) process: {"prep", "train", "eval"} figures (for `packed`: "train")."""
+    """One side, one repeat, in this (fresh) process: {"prep", "train", "eval"} figures (for `packed`: "train";
+    for `dynamic`: "train" and "eval")."""
     quiet_libraries()
     settings, workspace = spec.settings, Workspace(spec.root)
     if spec.side == PACKED:
         run = setup(packed_config(settings, workspace))
         return {"train": time_loop_training(run, settings.warmup_steps, settings.timed_steps)}
+    if spec.side == DYNAMIC:
+        run = setup(dynamic_config(settings, workspace))
+        return {"train": time_loop_training(run, settings.warmup_steps, settings.timed_steps),
+                "eval": time_loop_eval(run)}
     processor = load_processor(str(workspace.model_dir), LANGUAGE, TASK)
     if spec.side == "reference":
         return {"prep": time_reference_prep(settings, workspace, processor),

@@ -13,7 +13,7 @@ from transformers import WhisperConfig
 
 from benchmarks.estimates import parameter_count, training_flops_per_sample
 from benchmarks.settings import BenchSettings
-from benchmarks.workspace import PACKED, SIDES
+from benchmarks.workspace import DYNAMIC, PACKED, SIDES
 from loop.results import package_versions
 
 
@@ -62,6 +62,7 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, model_dir: P
         "train_samples_per_second": ratio("train", "samples_per_second"),
         "eval_utterances_per_second": ratio("eval", "utterances_per_second"),
         "prep_clips_per_second": ratio("prep", "clips_per_second"),
+        "cache_bytes_per_clip": ratio("prep", "cache_bytes_per_clip"),
         "train_audio_seconds_per_second": ratio("train", "audio_seconds_per_second"),
         "train_peak_rss": ratio("train", "peak_rss_mb"),
         "eval_peak_rss": ratio("eval", "peak_rss_mb"),
@@ -70,6 +71,17 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, model_dir: P
     if packed:  # utterances, not rows: the reference's rows are one utterance each
         ratios["train_utterances_per_second_packed"] = (packed["train"]["utterances_per_second"]
                                                         / reference["train"]["samples_per_second"])
+    dynamic = median_figures(runs[DYNAMIC]) if runs.get(DYNAMIC) else None
+    if dynamic:
+        ratios["train_samples_per_second_dynamic"] = (dynamic["train"]["samples_per_second"]
+                                                      / reference["train"]["samples_per_second"])
+        ratios["eval_utterances_per_second_dynamic"] = (dynamic["eval"]["utterances_per_second"]
+                                                        / reference["eval"]["utterances_per_second"])
+        ratios["same_transcripts_fraction_dynamic"] = statistics.fmean(
+            same_transcripts(d["eval"]["hypotheses"], r["eval"]["hypotheses"])
+            for d, r in zip(runs[DYNAMIC], runs["reference"]))
+        for r in runs[DYNAMIC]:
+            r["eval"].pop("hypotheses", None)
     if "cuda_peak_gb" in ours["train"]:
         ratios["train_cuda_peak_memory"] = ratio("train", "cuda_peak_gb")
         ratios["eval_cuda_peak_memory"] = ratio("eval", "cuda_peak_gb")
@@ -91,6 +103,7 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, model_dir: P
         "loop": ours,
         "reference": reference,
         **({PACKED: packed} if packed else {}),
+        **({DYNAMIC: dynamic} if dynamic else {}),
         "flops": flops,
         "same_transcripts_fraction": statistics.fmean(agree) if agree else None,
         "raw": runs,
@@ -112,6 +125,7 @@ def format_report(report: dict) -> str:
     ]
     rows = [
         ("data preparation, clips/s", "prep", "clips_per_second", "prep_clips_per_second"),
+        ("prepared cache, kB per clip", "prep", "cache_bytes_per_clip", "cache_bytes_per_clip"),
         ("training, samples/s", "train", "samples_per_second", "train_samples_per_second"),
         ("training, audio s/s", "train", "audio_seconds_per_second", "train_audio_seconds_per_second"),
         ("evaluation, utterances/s", "eval", "utterances_per_second", "eval_utterances_per_second"),
@@ -127,8 +141,9 @@ def format_report(report: dict) -> str:
         lines.append(f"{side}: {f['training_flops_per_sample'] / 1e9:.1f} GFLOP per training sample, "
                      f"{f['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved{extra}")
     lines.append(f"{'':34}{'ours':>12}{'reference':>12}{'ratio':>9}")
-    lines += [f"{name:34}{ours[phase][key]:12.3f}{ref[phase][key]:12.3f}{r[ratio]:8.2f}x"
-              for name, phase, key, ratio in rows]
+    unit = {"cache_bytes_per_clip": 1e3}  # shown in kB
+    lines += [f"{name:34}{ours[phase][key] / unit.get(key, 1):12.3f}{ref[phase][key] / unit.get(key, 1):12.3f}"
+              f"{r[ratio]:8.2f}x" for name, phase, key, ratio in rows]
     if PACKED in report:
         packed = report[PACKED]["train"]
         lines.append(
@@ -137,6 +152,14 @@ def format_report(report: dict) -> str:
             f"   ({packed['samples_per_second']:.3f} rows/s of "
             f"{packed['utterances_per_second'] / packed['samples_per_second']:.1f} utterances, "
             f"{packed['label_tokens']:.0f} label tokens; peak RSS {packed['peak_rss_mb']:.0f} MB)")
+    if DYNAMIC in report:
+        dynamic = report[DYNAMIC]
+        lines.append(f"{'training, samples/s, dynamic window':34}{dynamic['train']['samples_per_second']:12.3f}"
+                     f"{ref['train']['samples_per_second']:12.3f}{r['train_samples_per_second_dynamic']:8.2f}x"
+                     f"   (peak RSS {dynamic['train']['peak_rss_mb']:.0f} MB)")
+        lines.append(f"{'evaluation, utt/s, dynamic window':34}{dynamic['eval']['utterances_per_second']:12.3f}"
+                     f"{ref['eval']['utterances_per_second']:12.3f}{r['eval_utterances_per_second_dynamic']:8.2f}x"
+                     f"   (same transcripts as the reference: {100 * r['same_transcripts_fraction_dynamic']:.0f}%)")
     lines.append(f"same transcripts on both sides: {100 * report['same_transcripts_fraction']:.0f}%")
     est = report["memory_estimate_whisper_small_hi"]
     preset, recipe = est["preset_gb"], est["batch_16_gb"]

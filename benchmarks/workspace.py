@@ -25,6 +25,7 @@ CORPUS = PROJECT / "assets" / "cv-corpus-17.0-synthetic"
 BPE_VOCAB_SIZE = 400  # regular tokens of the corpus-trained tokenizer, as in assets/tiny-whisper-hi
 SIDES = ("loop", "reference")
 PACKED = "packed"  # our training on packed rows: an extra process per repeat, not a side of the comparison
+DYNAMIC = "dynamic"  # our training and evaluation at the dynamic encoder window: likewise an extra process
 
 
 @dataclass
@@ -127,6 +128,11 @@ def packed_config(settings: BenchSettings, workspace: Workspace) -> RunConfig:
     """Our run configuration with the packed manifest as training data, packed to the shape's audio window."""
     return loop_config(settings, workspace, f"--data.train_splits={PACKED}",
                        f"--data.pack_to_seconds={SHAPES[settings.shape].chunk_length_s}")
+
+
+def dynamic_config(settings: BenchSettings, workspace: Workspace) -> RunConfig:
+    """Our run configuration at the dynamic encoder window, with length-grouped training batches."""
+    return loop_config(settings, workspace, "--model.encoder_window=dynamic", "--train.group_by_length=true")
 
 
 def prepare_workspace(settings: BenchSettings, root: Path) -> Workspace:

@@ -76,12 +76,15 @@ def test_quick_benchmark_writes_its_ratios(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(output.read_text())
     for key in ("train_samples_per_second", "eval_utterances_per_second", "prep_clips_per_second",
-                "train_utterances_per_second_packed"):
+                "train_utterances_per_second_packed", "train_samples_per_second_dynamic",
+                "eval_utterances_per_second_dynamic", "cache_bytes_per_clip"):
         assert report["ratios"][key] > 0 and math.isfinite(report["ratios"][key]), key
     packed, plain = report["packed"]["train"], report["loop"]["train"]
     assert packed["utterances_per_second"] / packed["samples_per_second"] > 1  # rows that hold several utterances
     assert plain["utterances_per_second"] == plain["samples_per_second"]
-    assert "training, utterances/s, packed rows" in done.stdout
+    assert "training, utterances/s, packed rows" in done.stdout and "training, samples/s, dynamic window" in done.stdout
+    # int16 audio against 80 x window float32 features: the clips are far shorter than the window
+    assert report["ratios"]["cache_bytes_per_clip"] < 0.5
     assert report["settings"]["shape"] == "test"
     assert report["machine"]["torch_threads"] >= 1 and report["versions"]["transformers"]
     assert report["same_transcripts_fraction"] == 1.0
