@@ -14,6 +14,8 @@ from transformers import WhisperConfig
 from benchmarks.estimates import parameter_count, training_flops_per_sample
 from benchmarks.settings import BenchSettings
 from benchmarks.workspace import DYNAMIC, PACKED, SIDES
+
+RECIPE_SAMPLES = 4000 * 16  # the reference recipe's training: 4000 optimizer steps of batch 16
 from loop.results import package_versions
 
 
@@ -98,8 +100,13 @@ def summarize(runs: dict[str, list[dict]], settings: BenchSettings, model_dir: P
     for side in SIDES:  # the transcripts were only needed for the comparison
         for r in runs[side]:
             r["eval"].pop("hypotheses", None)
+    # The recipe's whole training (4000 steps of 16 samples) at each measured rate, in minutes.
+    trained = {"ours": ours, "reference": reference, **({DYNAMIC: dynamic} if dynamic else {})}
+    recipe_minutes = {name: RECIPE_SAMPLES / figures["train"]["samples_per_second"] / 60
+                      for name, figures in trained.items()}
     return {
         "ratios": ratios,
+        "recipe_minutes": recipe_minutes,
         "loop": ours,
         "reference": reference,
         **({PACKED: packed} if packed else {}),
@@ -161,6 +168,9 @@ def format_report(report: dict) -> str:
                      f"{ref['eval']['utterances_per_second']:12.3f}{r['eval_utterances_per_second_dynamic']:8.2f}x"
                      f"   (same transcripts as the reference: {100 * r['same_transcripts_fraction_dynamic']:.0f}%)")
     lines.append(f"same transcripts on both sides: {100 * report['same_transcripts_fraction']:.0f}%")
+    projected = report["recipe_minutes"]
+    lines.append("the recipe's 4000 x 16 training samples at these rates: " + ", ".join(
+        f"{name} {minutes:.1f} min" for name, minutes in projected.items()) + " (evaluation not included)")
     est = report["memory_estimate_whisper_small_hi"]
     preset, recipe = est["preset_gb"], est["batch_16_gb"]
     lines.append(

@@ -109,9 +109,10 @@ class DataConfig:
     Whisper's window, as distil-whisper trains), so a step sees several utterances per row; 0 keeps one utterance
     per row. Selection and test rows are never packed. Measured in README "Speed and memory"."""
     num_proc: AtLeastOne = 1
-    """Processes for feature extraction with `datasets.map`."""
+    """Processes for data preparation (decoding, resampling, tokenizing) with `datasets.map`."""
     cache_dir: str = ""
-    """Where prepared features are cached (empty: `~/.cache/whisper-loop`). A rerun with the same inputs reuses them."""
+    """Where prepared audio and labels are cached (empty: `~/.cache/whisper-loop`). A rerun with the same inputs
+    reuses them."""
     strict: bool = False
     """Stop at the first bad row instead of skipping and counting it."""
 

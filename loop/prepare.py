@@ -51,11 +51,19 @@ class SplitReport:
     """Kept rows flagged as implausible (evaluation splits only: training splits skip such rows)."""
     implausible_messages: list[str] = field(default_factory=list)
     """The first of their flags, each naming the file and row (at most MAX_MESSAGES_PER_REASON)."""
+    cache_bytes: int = 0
+    """Size of the prepared cache files on disk."""
+    audio_seconds: float = 0.0
+    """Seconds of audio in the kept rows."""
 
     def as_dict(self) -> dict:
         flagged = {"implausible": self.implausible, "implausible_messages": self.implausible_messages}
+        rows = max(1, self.windows or self.kept)
+        cache = {"cache_bytes": self.cache_bytes, "cache_bytes_per_row": round(self.cache_bytes / rows),
+                 "cache_mb_per_audio_hour": round(self.cache_bytes / 1e6 / max(self.audio_seconds / 3600, 1e-9), 1)}
         return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
-                **self.skips.as_dict(), **(flagged if self.implausible else {})}
+                **self.skips.as_dict(), **(flagged if self.implausible else {}),
+                **(cache if self.cache_bytes and self.audio_seconds else {})}
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
@@ -324,6 +332,8 @@ def prepare(
     kept = [i for i, reason in enumerate(reasons) if not reason]
     report.windows = len(kept) if pack_to_seconds else 0
     table = prepared.select(kept)
+    report.cache_bytes = sum(os.path.getsize(f["filename"]) for f in prepared.cache_files)
+    report.audio_seconds = float(sum(table["duration"]))
     flags = [flag for flag in table["implausible"] if flag]
     report.implausible, report.implausible_messages = len(flags), flags[:MAX_MESSAGES_PER_REASON]
     return table

@@ -1,4 +1,4 @@
-"""Prepare (decode, resample, extract features, tokenize, cache) a run's data and report what was skipped.
+"""Prepare (decode, resample, tokenize, cache the audio) a run's data and report what was skipped.
 
     python scripts/prepare_data.py --config whisper-small-hi --data.path /data/cv-corpus-17.0-2024-03-15
 

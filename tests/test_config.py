@@ -106,11 +106,16 @@ def test_a_preset_file_with_an_empty_section_loads(tmp_path):
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_loads(preset, corpus_root):
-    # whisper-small-hi leaves data.path empty on purpose (the user's download): give it the shipped corpus.
-    config = load_config(preset, [f"--data.path={corpus_root}"] if preset == "whisper-small-hi" else [])
+    # The recipe presets leave data.path empty on purpose (the user's download): give them the shipped corpus.
+    recipe = preset.startswith("whisper-small-hi")
+    config = load_config(preset, [f"--data.path={corpus_root}"] if recipe else [])
     assert config.model.language == "hindi" and config.data.source == "common_voice"
     assert from_dict(to_dict(config)) == config  # what checkpoints save, they can load
-    if preset == "whisper-small-hi":  # the reference recipe's values
+    if preset == "whisper-small-hi-fast":  # the recipe, with the dynamic window and nothing else changed
+        recipe_config = load_config("whisper-small-hi", [f"--data.path={corpus_root}"])
+        recipe_config.model.encoder_window, recipe_config.output_dir = "dynamic", config.output_dir
+        assert config == recipe_config
+    if recipe:  # the reference recipe's values
         assert (config.model.name_or_path, config.train.learning_rate, config.train.max_steps) == ("openai/whisper-small", 1e-5, 4000)
         assert (config.train.warmup_steps, config.eval.eval_steps) == (500, 1000)
         # the recipe's batch 16, as 8 x 2 accumulation (the same update; fits a 16 GB GPU)
@@ -120,8 +125,8 @@ def test_every_preset_loads(preset, corpus_root):
         assert config.model.name_or_path == "assets/tiny-whisper-hi" and config.train.mixed_precision == "no"
 
 
-def test_both_presets_are_there():
-    assert {"quickstart", "whisper-small-hi"} <= set(list_presets())
+def test_the_presets_are_there():
+    assert {"quickstart", "whisper-small-hi", "whisper-small-hi-fast"} <= set(list_presets())
 
 
 def test_the_recipe_preset_needs_a_data_path():

@@ -47,7 +47,7 @@ def test_writes_consistent_metrics_predictions_and_report(evaluated, decoding_ch
     assert {"normalized_wer", "normalized_cer", "loss", "seconds"} <= set(metrics)
     assert metrics["model"] == str(decoding_checkpoint) and metrics["split"] == "test"
     assert metrics["decoding"] == {"language": "hi", "task": "transcribe", "num_beams": 1,
-                                   "max_length": DECODE_MAX_LENGTH}
+                                   "max_length": DECODE_MAX_LENGTH, "encoder_window": "full"}
     assert [r["index"] for r in rows] == list(range(SAMPLES))
     assert all(r["hypothesis"] and os.path.isfile(r["audio_path"]) and 1 < r["duration"] < 5 for r in rows)
     assert len({r["hypothesis"] for r in rows}) > 1  # the checkpoint says something different for each clip

@@ -29,10 +29,11 @@ def durations() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def table(durations) -> datasets.Dataset:
-    """A prepared table's columns, with 2x4 stand-in features."""
+    """A prepared table's columns, with 4 samples of stand-in audio a row."""
     count = len(durations)
     return datasets.Dataset.from_dict({
-        "input_features": [np.full((2, 4), i, dtype=np.float32) for i in range(count)],
+        "audio": [np.full(4, i, dtype=np.int16) for i in range(count)],
+        "audio_scale": [1.0] * count,
         "labels": [[START, i % 50, 400] for i in range(count)],
         "duration": durations.tolist(),
         "utterances": [1] * count,
