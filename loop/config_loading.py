@@ -226,6 +226,11 @@ def config_warnings(config: RunConfig) -> list[str]:
             f"train.warmup_steps ({t.warmup_steps}) is larger than train.max_steps ({t.max_steps}): the learning "
             f"rate rises for the whole run and reaches {t.max_steps / t.warmup_steps:.0%} of train.learning_rate"
         )
+    if t.torch_compile and config.model.encoder_window == "dynamic":
+        warnings.append(
+            "train.torch_compile with model.encoder_window=dynamic: the encoder compiles again for every window length "
+            "(up to 30 at 1-s multiples); raise model.encoder_window_multiple_s for fewer"
+        )
     return warnings
 
 

@@ -113,9 +113,10 @@ def setup(config: RunConfig) -> Run:
     )
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
     if config.train.torch_compile:
-        # In place, on the encoder only: its input always has the window's fixed shape, while the decoder's length
-        # changes with every batch and every generated token (each new shape would compile again). Compiling in
-        # place keeps the module and its parameter names, so checkpoints and best/ load without compiling.
+        # In place, on the encoder only: its input has the window's fixed shape (a few shapes with a dynamic
+        # window), while the decoder's length changes with every batch and every generated token (each new shape
+        # would compile again). Compiling in place keeps the module and its parameter names, so checkpoints and
+        # best/ load without compiling.
         model.model.encoder.compile()
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
