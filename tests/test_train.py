@@ -132,7 +132,7 @@ def test_the_wait_for_data_is_measured(monkeypatch):
 
 def test_dropout_and_spec_augment_are_live_in_training_steps(tmp_path, fast_model, session_cache_dir):
     """`from_pretrained` hands models back in eval mode; the loop must train in training mode, before and after
-    an evaluation, so the preset's dropout and SpecAugment act: the same batch then gives two different losses."""
+    an evaluation, so dropout and SpecAugment act when asked for: the same batch then gives two different losses."""
     from loop.loss import token_losses
 
     run = setup(small_run(tmp_path, fast_model, session_cache_dir, "--model.dropout=0.1", "--train.max_steps=1",
@@ -184,13 +184,14 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, sess
 
 
 AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_probability=0.5",
-                     "--augment.gain_probability=0.5", "--model.encoder_window=dynamic", "--train.group_by_length=true")
+                     "--augment.gain_probability=0.5", "--model.encoder_window=dynamic", "--train.group_by_length=true",
+                     "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05")
 
 
 @pytest.mark.parametrize("extra", [(), AUGMENTED_DYNAMIC], ids=["plain", "augmented-dynamic-grouped"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
-    with augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
+    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
               *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
