@@ -2,7 +2,7 @@
 
     python -m benchmarks.sides SPEC.json RESULT.json     # started by benchmarks/run.py, from the project root
 
-Ours runs the library's own functions as `scripts/train.py` does: `loop.data.prepare`, `loop.train.setup()`
+Ours runs the library's own functions as `scripts/train.py` does: `loop.prepare.prepare`, `loop.train.setup()`
 then `loop.train.optimizer_step` (what `fit()` calls once per step), `loop.evaluation.evaluate`. The
 reference runs the blog's recipe (benchmarks/reference_recipe.py) through `Seq2SeqTrainer`.
 """
@@ -61,7 +61,7 @@ class ChildSpec:
 
 
 def time_loop_prep(config: RunConfig, processor) -> dict:
-    """Ours: `loop.data.prepare` of the training manifest into an empty cache folder (clips/s)."""
+    """Ours: `loop.prepare.prepare` of the training manifest into an empty cache folder (clips/s)."""
     rows = load_utterances(config.data, "train", SkipLog())
     max_label_length = WhisperConfig.from_pretrained(config.model.name_or_path).max_target_positions
     with tempfile.TemporaryDirectory(dir=config.data.cache_dir) as fresh:

@@ -139,7 +139,7 @@ def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
     its very table when the preparation fits this model too, else the same ids prepared again for this one."""
     if same_as is not None and same_preparation(same_as.processor, processor):
         return PreparedSplit(same_as.table, same_as.report, processor)
-    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+    with accelerator.main_process_first():  # the main process fills the data cache, the others read it
         table, report = build_eval_split(config, processor, model.config.max_target_positions)
     if same_as is not None:
         table = rows_like(table, same_as.table)

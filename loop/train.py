@@ -100,7 +100,7 @@ def setup(config: RunConfig) -> Run:
     model, processor = load_model(config.model, config.eval)
     augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
     accelerator.print(augmenter.describe())
-    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+    with accelerator.main_process_first():  # the main process fills the data cache, the others read it
         data = build_datasets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
         data.write_report(config.output_dir)

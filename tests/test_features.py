@@ -43,8 +43,8 @@ def test_batched_torch_features_match_the_numpy_path(waveforms, chunk_length):
 
 @pytest.mark.parametrize("chunk_length", [30, 5])
 def test_trimmed_stft_features_match_the_numpy_path(waveforms, chunk_length):
-    """loop.features.log_mel_features (what loop.data.prepare computes) skips the padding's STFT and still gives
-    the same features, batched or not."""
+    """loop.features.log_mel_features (LogMel on host audio, as the loop computes it per batch) skips the
+    padding's STFT and still gives the same features, batched or not."""
     fe = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_length)
     expected = numpy_path(fe, waveforms)
     np.testing.assert_allclose(log_mel_features(waveforms, fe), expected, atol=1e-4, rtol=0)
