@@ -83,7 +83,7 @@ def pad_waveforms(waveforms: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tens
 
 def log_mel_features(waveforms: list[np.ndarray], feature_extractor) -> np.ndarray:
     """Waveforms (num_samples,) on the host -> (batch, n_mels, window frames) float32 NumPy features, through
-    `LogMel` on the CPU; for callers that hold NumPy audio (the benchmark's preparation, tests)."""
+    `LogMel` on the CPU; for callers that hold NumPy audio (the parity tests)."""
     if not waveforms:
         return np.zeros((0, feature_extractor.feature_size, feature_extractor.nb_max_frames), dtype=np.float32)
     audio, _ = pad_waveforms(waveforms)
