@@ -77,25 +77,34 @@ def training_memory_estimate(config, batch_size: int = 16, n_label_tokens: int =
     within about 20%. Returns GB per part, their `total`, and `parameters` (a count).
     """
     P = parameter_count(config)
-    d, m, V = config.d_model, config.num_mel_bins, config.vocab_size
-    S = config.max_source_positions
-    F, T, b = 2 * S, n_label_tokens, batch_size
     half = mixed_precision in ("fp16", "bf16")
-    scale = 1.0 if half else 2.0  # without autocast every kept activation is fp32
     gb = 1e9
     parts = {
         "weights_fp32": 4 * P / gb,
         "gradients_fp32": 4 * P / gb,
         "adamw_moments_fp32": 8 * P / gb,
         "autocast_weight_copies": (2 * P if half else 0) / gb,
-        "encoder_activations": scale * b * S * config.encoder_layers * (20 * d + 4 * config.encoder_ffn_dim) / gb,
-        "conv_stem_activations": scale * b * (2 * m * F + 4 * d * F + 8 * d * S) / gb,
-        "decoder_activations": scale * b * config.decoder_layers * (T * (30 * d + 4 * config.decoder_ffn_dim) + 8 * d * S) / gb,
-        "logits_and_loss": b * T * V * (2 + 8 + (8 if separate_loss else 0)) / gb,
     }
+    kept = activation_bytes(config, n_label_tokens, half, separate_loss)
+    parts.update({name: batch_size * value / gb for name, value in kept.items()})
     parts["total"] = sum(parts.values())
     parts["parameters"] = P
     return parts
+
+
+def activation_bytes(config, n_label_tokens: float, half: bool, separate_loss: bool = False) -> dict[str, float]:
+    """Bytes autograd keeps per example, by part, as `training_memory_estimate` derives them (its docstring); `half`
+    for fp16/bf16 autocast (without it every kept activation is fp32: twice the bytes)."""
+    d, m, V = config.d_model, config.num_mel_bins, config.vocab_size
+    S = config.max_source_positions
+    F, T = 2 * S, n_label_tokens
+    scale = 1.0 if half else 2.0
+    return {
+        "encoder_activations": scale * S * config.encoder_layers * (20 * d + 4 * config.encoder_ffn_dim),
+        "conv_stem_activations": scale * (2 * m * F + 4 * d * F + 8 * d * S),
+        "decoder_activations": scale * config.decoder_layers * (T * (30 * d + 4 * config.decoder_ffn_dim) + 8 * d * S),
+        "logits_and_loss": T * V * (2 + 8 + (8 if separate_loss else 0)),
+    }
 
 
 def whisper_small_hi_memory(label_tokens: int = 128) -> dict:

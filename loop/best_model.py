@@ -1,5 +1,6 @@
 """`<output_dir>/best/`: the best model so far as an ordinary `save_pretrained` folder (weights, generation
-config, processor) that `from_pretrained`, `scripts/evaluate.py`, the demo and the Hub read as they are."""
+config, processor) that `from_pretrained`, `scripts/evaluate.py`, the demo and the Hub read as they are; a LoRA
+run's adapters merged into it, and the adapter alone in `best/adapter/`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from loop.files import replace_dir
+from loop.lora import ADAPTER_DIR, is_lora_model, merged_copy, save_adapter
 
 BEST_DIR = "best"
 
@@ -20,16 +22,31 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
     best only once the new folder is complete. All processes must call it (the state dict may be gathered)."""
     best = best_dir(output_dir)
     staging = Path(output_dir) / f".tmp-{BEST_DIR}"
-    state_dict = accelerator.get_state_dict(model)
+    lora = is_lora_model(accelerator.unwrap_model(model))
+    state_dict = None if lora else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
-        try:
-            unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        finally:
-            unwrapped.config.use_cache = False
+        if lora:
+            write_merged_and_adapter(unwrapped, staging)
+        else:
+            unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
+            try:
+                unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            finally:
+                unwrapped.config.use_cache = False
         processor.save_pretrained(staging)
         replace_dir(staging, best)
     accelerator.wait_for_everyone()
     return best
+
+
+def write_merged_and_adapter(model, folder: Path) -> None:
+    """A LoRA model (`peft.PeftModel`) as `best/` holds it: the merged Whisper in `folder` (a copy is merged, the
+    training model keeps its adapters) and the adapter alone in `folder/adapter/`, for one base and many adapters
+    (`PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(base), "best/adapter")`)."""
+    merged = merged_copy(model)
+    merged.config.use_cache = True  # the saved model is for inference; training turned the cache off
+    merged.save_pretrained(folder, safe_serialization=True)
+    del merged
+    save_adapter(model, folder / ADAPTER_DIR)

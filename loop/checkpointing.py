@@ -12,6 +12,7 @@ so a process killed mid-save never leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -119,6 +120,39 @@ def rotate_checkpoints(output_dir: str | Path, keep: int, protect_step: int) -> 
     for leftover in checkpoints_dir(output_dir).glob(".tmp-step_*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return deleted
+
+
+def keep_adapters_only(accelerator) -> None:
+    """Makes `save_state` write a LoRA model's adapter (`adapter_model.safetensors`, `adapter_config.json`: the
+    folder is a peft adapter folder too) instead of `model.safetensors`, and `load_state` read it back. The frozen
+    base is not saved: a resumed run loads it from `model.name_or_path`, as the first run did. The hooks take the
+    models they handle out of Accelerate's lists, since its own loading would refuse a file without the base's
+    weights. (Under FSDP and DeepSpeed, which save their shards themselves, the whole model is saved as before.)"""
+    accelerator.register_save_state_pre_hook(functools.partial(_save_adapters, accelerator))
+    accelerator.register_load_state_pre_hook(functools.partial(_load_adapters, accelerator))
+
+
+def _save_adapters(accelerator, models: list, weights: list, output_dir: str) -> None:
+    from loop.lora import is_lora_model, save_adapter
+
+    if len(weights) != len(models):  # FSDP/DeepSpeed: no state dicts to replace
+        return
+    for index in reversed(range(len(models))):
+        model = accelerator.unwrap_model(models[index])
+        if is_lora_model(model):
+            if accelerator.is_main_process:
+                save_adapter(model, output_dir)
+            weights.pop(index)
+
+
+def _load_adapters(accelerator, models: list, input_dir: str) -> None:
+    from loop.lora import is_lora_model, load_adapter
+
+    for index in reversed(range(len(models))):
+        model = accelerator.unwrap_model(models[index])
+        if is_lora_model(model):
+            load_adapter(model, input_dir)
+            models.pop(index)
 
 
 def load_checkpoint(accelerator, checkpoint: Path) -> LoopState:

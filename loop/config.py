@@ -145,6 +145,21 @@ class ModelConfig:
     the demo decode the same way)."""
     encoder_window_multiple_s: Annotated[float, Range(low=0, high=30, low_open=True)] = 1.0
     """With `encoder_window: dynamic`: the window is a multiple of this many seconds (fewer distinct shapes)."""
+    lora: bool = False
+    """Train LoRA adapters (peft) on a frozen base instead of every weight: `best/` is still the whole model (the
+    adapters merged), `best/adapter/` the adapter alone, checkpoints hold the adapter (`loop/lora.py`)."""
+    lora_rank: AtLeastOne = 32
+    """LoRA rank r of each adapted matrix (the PEFT Whisper notebook's 32)."""
+    lora_alpha: Annotated[float, Range(low=0, low_open=True)] = 64.0
+    """LoRA scale numerator: the update is (alpha / rank) * B A; 64 with rank 32 doubles it, as the notebook does."""
+    lora_dropout: Probability = 0.05
+    """Dropout on the adapters' input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Linear layers that get adapters, of q_proj, k_proj, v_proj, out_proj (self- and cross-attention), fc1, fc2."""
+    lora_layers: Literal["encoder_and_decoder", "encoder", "decoder"] = "encoder_and_decoder"
+    """Where adapters go; `model.freeze_encoder` leaves the encoder without them."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """The frozen base under LoRA in 8-bit or 4-bit NF4 (QLoRA) by bitsandbytes; needs `model.lora` and CUDA."""
 
 
 @dataclass
@@ -174,6 +189,9 @@ class TrainConfig:
     """Checkpoints kept (the best one is never deleted)."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """`adamw` (torch's fused AdamW) or `adamw_8bit` (bitsandbytes' AdamW8bit: moments in 8 bits, 6 bytes a
+    parameter less; needs CUDA)."""
     group_by_length: bool = False
     """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
     padding, and a short window for every row with `model.encoder_window: dynamic`."""
@@ -313,7 +331,8 @@ NOT_FIXED_ON_RESUME = {"data.num_proc", "data.cache_dir", "data.strict", "data.m
 FIXED_ON_RESUME = {option for option in option_names()
                    if option.startswith(("data.", "augment."))} - NOT_FIXED_ON_RESUME | {
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed", "train.group_by_length",
-    "model.name_or_path", "model.freeze_encoder",
+    "model.name_or_path", "model.freeze_encoder", "model.lora", "model.lora_rank", "model.lora_target_modules",
+    "model.lora_layers", "model.quantization", "train.optimizer",
 }
 NEVER_COMPARED = {"output_dir", "train.resume", "train.overwrite_output_dir", "train.allow_config_change"}
 

@@ -26,6 +26,7 @@ from loop.config import (
     option_names,
     resolve_path,
 )
+from loop.lora import lora_problems, lora_warnings
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -198,6 +199,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
+    problems += lora_problems(config)
     return problems + field_problems(config, "eval") + _augment_problems(config)
 
 
@@ -231,7 +233,7 @@ def config_warnings(config: RunConfig) -> list[str]:
             "train.torch_compile with model.encoder_window=dynamic: the encoder compiles again for every window length "
             "(up to 30 at 1-s multiples); raise model.encoder_window_multiple_s for fewer"
         )
-    return warnings
+    return warnings + lora_warnings(config)
 
 
 def _model_path_problems(name_or_path: str, option: str) -> list[str]:

@@ -8,6 +8,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGU
 
 from loop.config import EvalConfig, ModelConfig, resolve_path
 from loop.encoder_window import allow_short_inputs, record_encoder_window, saved_encoder_window
+from loop.lora import apply_lora, quantized_loading
 
 
 class ModelLoadError(RuntimeError):
@@ -39,7 +40,8 @@ def load_processor(name_or_path: str, language: str | None = None, task: str | N
 
 def load_weights(name_or_path: str, attn_implementation: str = "sdpa", **config_overrides) -> WhisperForConditionalGeneration:
     """The one `from_pretrained` of a Whisper model: float32 weights (mixed precision comes from Accelerate),
-    `config_overrides` applied to its config (dropout, SpecAugment)."""
+    `config_overrides` applied to its config (dropout, SpecAugment) or passed to `from_pretrained` (a bitsandbytes
+    `quantization_config` and `device_map`)."""
     try:
         return WhisperForConditionalGeneration.from_pretrained(
             model_location(name_or_path), attn_implementation=attn_implementation, dtype="float32", **config_overrides
@@ -52,10 +54,12 @@ def load_weights(name_or_path: str, attn_implementation: str = "sdpa", **config_
 
 
 def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    """Model in float32 (mixed precision comes from Accelerate) and processor, with the training options applied."""
+    """Model in float32 (mixed precision comes from Accelerate) and processor, with the training options applied;
+    with `config.lora` a `peft.PeftModel` around the Whisper (`loop.lora`), over an 8-/4-bit base with
+    `config.quantization`."""
     model = load_weights(config.name_or_path, config.attn_implementation, dropout=config.dropout,
                          apply_spec_augment=config.apply_spec_augment, mask_time_prob=config.mask_time_prob,
-                         mask_feature_prob=config.mask_feature_prob)
+                         mask_feature_prob=config.mask_feature_prob, **quantized_loading(config))
     processor = load_processor(config.name_or_path, config.language, config.task)
     set_generation_settings(model, config.language, config.task, eval_config)
     set_encoder_window(model, config.encoder_window, config.encoder_window_multiple_s)
@@ -64,6 +68,8 @@ def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tu
         model.freeze_encoder()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora:  # last: peft wraps the configured model and freezes every base weight
+        model = apply_lora(model, config)
     # from_pretrained hands the model back in eval mode: without this, dropout and SpecAugment never run.
     model.train()
     return model, processor

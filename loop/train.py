@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.augment import Augmenter, step_generator
 from loop.best_model import best_dir, write_best_model
-from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loop.checkpointing import LoopState, keep_adapters_only, latest_checkpoint, load_checkpoint, save_checkpoint
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
@@ -32,9 +32,11 @@ from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic, write_text_atomic
 from loop.loaders import eval_dataloader, train_dataloader
+from loop.lora import trainable_summary
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
+from loop.optimizers import build_optimizer
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
@@ -105,24 +107,22 @@ def setup(config: RunConfig) -> Run:
     if accelerator.is_main_process:
         data.write_report(config.output_dir)
     train_loader, selection_loader, test_loader = get_dataloaders(config, data, model)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.train.learning_rate,
-        weight_decay=config.train.weight_decay,
-        fused=True,  # one kernel over all parameters, on CUDA and on the CPU (torch's default there is a Python loop)
-    )
+    optimizer = build_optimizer(model, config.train)
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
     if config.train.torch_compile:
         # In place, on the encoder only: its input has the window's fixed shape (a few shapes with a dynamic
         # window), while the decoder's length changes with every batch and every generated token (each new shape
         # would compile again). Compiling in place keeps the module and its parameter names, so checkpoints and
         # best/ load without compiling.
-        model.model.encoder.compile()
+        model.get_encoder().compile()  # get_encoder: a LoRA model (peft) has no .model.encoder
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
     state = LoopState()
     checkpoint = latest_checkpoint(config.output_dir) if config.train.resume else None
+    if config.model.lora:  # checkpoints then hold the adapter, not the frozen base
+        keep_adapters_only(accelerator)
+        accelerator.print(trainable_summary(model))
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
