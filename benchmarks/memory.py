@@ -26,23 +26,34 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from benchmarks.estimates import activation_bytes
 
+
+class WhisperShape(NamedTuple):
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    ffn: int
+    mels: int
+    vocab: int
+
+
 # The published architectures: config.json of openai/whisper-tiny, -base, -small, -medium, -large-v3 and
 # -large-v3-turbo on the Hugging Face Hub (d_model, layers, heads, FFN width, mel bins, vocabulary); all have 1500
 # encoder positions (30 s) and 448 decoder positions.
-WHISPER_SHAPES = {
-    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, heads=6, ffn=1536, mels=80, vocab=51865),
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn=2048, mels=80, vocab=51865),
-    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, heads=12, ffn=3072, mels=80, vocab=51865),
-    "medium": dict(d_model=1024, encoder_layers=24, decoder_layers=24, heads=16, ffn=4096, mels=80, vocab=51865),
-    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, heads=20, ffn=5120, mels=128, vocab=51866),
-    "large-v3-turbo": dict(d_model=1280, encoder_layers=32, decoder_layers=4, heads=20, ffn=5120, mels=128,
-                           vocab=51866),
+WHISPER_SHAPES = {  # d_model, encoder layers, decoder layers, heads, FFN width, mel bins, vocabulary
+    "tiny": WhisperShape(384, 4, 4, 6, 1536, 80, 51865),
+    "base": WhisperShape(512, 6, 6, 8, 2048, 80, 51865),
+    "small": WhisperShape(768, 12, 12, 12, 3072, 80, 51865),
+    "medium": WhisperShape(1024, 24, 24, 16, 4096, 80, 51865),
+    "large-v3": WhisperShape(1280, 32, 32, 20, 5120, 128, 51866),
+    "large-v3-turbo": WhisperShape(1280, 32, 4, 20, 5120, 128, 51866),
 }
 METHODS = ("full", "full_adamw_8bit", "lora", "qlora")
 RECIPE_BATCH = 16  # the reference recipe's batch (per optimizer step, one micro-batch here)
@@ -57,11 +68,10 @@ GB = 1e9
 
 def whisper_config(name: str) -> WhisperConfig:
     s = WHISPER_SHAPES[name]
-    return WhisperConfig(vocab_size=s["vocab"], num_mel_bins=s["mels"], d_model=s["d_model"],
-                         encoder_layers=s["encoder_layers"], decoder_layers=s["decoder_layers"],
-                         encoder_attention_heads=s["heads"], decoder_attention_heads=s["heads"],
-                         encoder_ffn_dim=s["ffn"], decoder_ffn_dim=s["ffn"], max_source_positions=1500,
-                         max_target_positions=448)
+    return WhisperConfig(vocab_size=s.vocab, num_mel_bins=s.mels, d_model=s.d_model, encoder_layers=s.encoder_layers,
+                         decoder_layers=s.decoder_layers, encoder_attention_heads=s.heads,
+                         decoder_attention_heads=s.heads, encoder_ffn_dim=s.ffn, decoder_ffn_dim=s.ffn,
+                         max_source_positions=1500, max_target_positions=448)
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,8 @@ def memory_estimate(config, method: str, *, batch_size: int = RECIPE_BATCH, labe
     trained = A if lora else P
     optimizer = (ADAMW_8BIT_BYTES if method == "full_adamw_8bit" else 8) * trained
     kept = activation_bytes(config, label_tokens, half)
-    encoder, decoder = layer_activation_bytes(config, label_tokens, half, (rank, tuple(modules), dropout) if lora else None)
+    adapters = (rank, tuple(modules), dropout) if lora else None
+    encoder, decoder = layer_activation_bytes(config, label_tokens, half, adapters)
     if checkpointing:
         # each layer's fp32 input (and the encoder's output, which every decoder layer reads) stays; in the backward
         # pass one layer at a time is recomputed, the largest setting the peak
@@ -187,11 +198,11 @@ def estimate_table(batch_size: int = RECIPE_BATCH, label_tokens: int = MAX_LABEL
 
 def markdown(rows: list[dict], batch_size: int, label_tokens: int) -> str:
     lines = [
-        f"Estimated training memory, GB (batch {batch_size}, 30-s window, {label_tokens} label tokens, bf16 autocast, "
-        f"LoRA rank {DEFAULT_RANK} on {', '.join(DEFAULT_MODULES)}); estimates only, no GPU measured:",
+        (f"Estimated training memory, GB (batch {batch_size}, 30-s window, {label_tokens} label tokens, bf16 autocast, "
+         f"LoRA rank {DEFAULT_RANK} on {', '.join(DEFAULT_MODULES)}); estimates only, no GPU measured:"),
         "",
-        "| model | method | parameters (trained) | weights | grads + optimizer | activations | total "
-        "| activations, checkpointed | total, checkpointed |",
+        ("| model | method | parameters (trained) | weights | grads + optimizer | activations | total "
+         "| activations, checkpointed | total, checkpointed |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -208,6 +208,6 @@ def lora_problems(config) -> list[str]:
 
 def lora_warnings(config) -> list[str]:
     if config.model.lora and config.train.learning_rate < LORA_MIN_LEARNING_RATE:
-        return [f"model.lora with train.learning_rate={config.train.learning_rate:g}: adapters start at zero and "
-                f"usually train at 1e-4 to 1e-3 (the PEFT Whisper notebook: 1e-3)"]
+        return [(f"model.lora with train.learning_rate={config.train.learning_rate:g}: adapters start at zero and "
+                 "usually train at 1e-4 to 1e-3 (the PEFT Whisper notebook: 1e-3)")]
     return []

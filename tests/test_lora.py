@@ -151,8 +151,11 @@ def test_resume_with_lora_matches_an_uninterrupted_run(tmp_path, fast_model, ses
     assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
 
 
+FFN_DECODER_ONLY = ("--model.lora_target_modules=q_proj,v_proj,fc1,fc2", "--model.lora_layers=decoder")
+
+
 @pytest.mark.parametrize("extra", [("--model.gradient_checkpointing=true",), ("--model.freeze_encoder=true",),
-                                   ("--model.lora_target_modules=q_proj,v_proj,fc1,fc2", "--model.lora_layers=decoder")],
+                                   FFN_DECODER_ONLY],
                          ids=["gradient-checkpointing", "frozen-encoder", "ffn-decoder-only"])
 def test_lora_combines_with_memory_options(tmp_path, fast_model, session_cache_dir, extra):
     """Each trains (finite, falling loss) and moves every adapter it has; gradient checkpointing reaches the encoder's

@@ -58,8 +58,9 @@ def test_orderings(table):
 
 
 def test_counts_follow_the_shapes():
-    """Parameters match the published sizes (39 M ... 1550 M, rounded in the paper; counted on the meta device); the adapter count is the
-    loop's own (rank 32 on q, k, v, out: 7.1 M for small); memory grows with batch and label length."""
+    """Parameters match the published sizes (39 M ... 1550 M, rounded in the paper; counted on the meta device);
+    the adapter count is the loop's own (rank 32 on q, k, v, out: 7.1 M for small); memory grows with batch and
+    label length."""
     published_millions = {"tiny": 39, "base": 74, "small": 244, "medium": 769, "large-v3": 1550,
                           "large-v3-turbo": 809}
     for name, millions in published_millions.items():
@@ -77,7 +78,7 @@ def test_counts_follow_the_shapes():
 
 def test_the_command_prints_the_table():
     done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--label_tokens", "128"], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "**" in line]
     assert len(rows) == len(WHISPER_SHAPES) * len(METHODS)
