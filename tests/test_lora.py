@@ -192,6 +192,10 @@ def test_lora_and_bitsandbytes_options_are_checked(tmp_path, tiny_model_dir, ses
     assert any("gate_proj is not one of" in p for p in found)
     assert any("leaves nothing to train" in p for p in found)
     assert any("needs model.lora=true" in p for p in problems("--model.quantization=8bit"))
+    from loop.config_loading import config_warnings
+
+    slow = run_config(tmp_path, tiny_model_dir, session_cache_dir, "--model.lora=true", "--train.learning_rate=1e-5")
+    assert any("model.lora with train.learning_rate=1e-05" in w for w in config_warnings(slow))
     if torch.cuda.is_available():
         pytest.skip("the no-CUDA errors need a machine without CUDA")
     for option, value in (("model.quantization", "4bit"), ("model.quantization", "8bit"),
