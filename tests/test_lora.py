@@ -216,3 +216,45 @@ def test_setup_refuses_bitsandbytes_without_cuda():
         quantized_loading(ModelConfig(lora=True, quantization="4bit"))
     with pytest.raises(RuntimeError, match="train.optimizer=adamw_8bit"):
         build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="adamw_8bit"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes)")
+@pytest.mark.parametrize("extra", [("--model.quantization=4bit",), ("--model.quantization=8bit",),
+                                   ("--train.optimizer=adamw_8bit",),
+                                   ("--model.quantization=4bit", "--train.optimizer=adamw_8bit",
+                                    "--model.gradient_checkpointing=true")],
+                         ids=["qlora-4bit", "lora-8bit-base", "lora-adamw-8bit", "qlora-adamw-8bit-checkpointed"])
+def test_bitsandbytes_options_train_resume_and_merge_on_a_gpu(tmp_path, fast_model, session_cache_dir, extra):
+    """Written for a GPU, not yet run on one: each trains in bf16 (finite, falling loss), stops, resumes from the
+    adapter-only checkpoint, and its best/ (a quantized base dequantized, then merged) is a float32 Whisper whose
+    logits are close to the training model's. (The fast model's adapter matrices are under AdamW8bit's 4096-value
+    minimum for 8-bit state, so that option's code path runs here, its 8-bit moments only on a larger model.)"""
+    from loop.model import load_for_inference
+    from tests.test_train import StopAt
+
+    config = lora_run(tmp_path, fast_model, session_cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=8",
+                      "--train.save_steps=4", "--eval.eval_steps=8", *extra)
+    run = setup(config)
+    assert fit(run, StopAt(run, 4)) == "SIGTERM"
+    reset_accelerate()
+    config.train.resume = True
+    run = setup(config)
+    assert run.state.step == 4
+    assert fit(run) == ""
+    finish(run)
+    losses = tensorboard_scalars(tmp_path / "run", "train/loss")
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[8] < losses[1], losses
+    assert not (tmp_path / "run" / "checkpoints" / "step_8" / "model.safetensors").exists()
+    merged, _ = load_for_inference(str(tmp_path / "run" / "best"))
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    batch = next(iter(run.selection_loader))
+    features = run.log_mel(batch["audio"])
+    prompt = torch.full((features.shape[0], 1), merged.config.decoder_start_token_id, device=features.device)
+    run.model.eval()
+    with torch.no_grad(), run.accelerator.autocast():
+        trained = run.model(input_features=features, decoder_input_ids=prompt).logits.float()
+    with torch.no_grad():
+        saved = merged.to(features.device)(input_features=features, decoder_input_ids=prompt).logits
+    assert (trained - saved).abs().max() < 0.05 * saved.abs().max()
