@@ -13,7 +13,7 @@ values (alpha / rank = 2 scales the update as it does). The adapters go on every
 and out, of the encoder's self-attention and the decoder's self- and cross-attention: the LoRA paper (Hu et al.
 2021, section 7.1) found adapting several weight types at a lower rank better than one type at a higher rank, and a
 new language changes both what the encoder hears and what the decoder writes, so both sides get adapters. On
-whisper-small that is 7.1 M trainable parameters (2.9 %). `fc1`/`fc2` roughly triple the count; QLoRA's authors
+whisper-small that is 7.1 M trainable parameters (2.9 %). Adding `fc1`/`fc2` takes it to 13.0 M; QLoRA's authors
 adapt every linear layer to match full fine-tuning, so add them when the rank alone does not close the gap.
 """
 
