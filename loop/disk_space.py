@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 MB = 1e6
-# torch.save reports a failed write as a RuntimeError; these are the phrases of its write errors.
-TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left", "PytorchStreamWriter failed writing")
+# torch.save reports a failed write as a RuntimeError, safetensors as a SafetensorError; their write errors' phrases.
+WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left", "PytorchStreamWriter failed writing",
+                  "I/O error", "os error")
 
 
 class SaveError(RuntimeError):
@@ -107,7 +108,7 @@ def is_write_failure(error: BaseException, folder: Path, needed: int) -> bool:
         return True
     if not isinstance(error, Exception) or type(error).__name__ not in ("RuntimeError", "SafetensorError"):
         return False
-    return any(phrase in str(error) for phrase in TORCH_WRITE_FAILURES) or free_bytes(folder) < needed
+    return any(phrase in str(error) for phrase in WRITE_FAILURES) or free_bytes(folder) < needed
 
 
 def failure_message(what: str, folder: Path, needed: int, error: BaseException, resume: str) -> str:
