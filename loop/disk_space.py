@@ -48,8 +48,9 @@ def tensor_bytes(tensors) -> int:
 
 
 def weights_bytes(model) -> int:
-    """Bytes of the model's state dict (parameters and buffers), as safetensors writes them."""
-    return tensor_bytes(model.state_dict().values())
+    """Bytes of the model's state dict (parameters and buffers) as safetensors writes them: a tensor shared by two
+    names (Whisper's output projection is its token embedding) once."""
+    return tensor_bytes({t.data_ptr(): t for t in model.state_dict().values()}.values())
 
 
 def optimizer_bytes(optimizer) -> int:
