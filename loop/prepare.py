@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio, quantize
-from loop.cache_files import discard_unfinished, mark_complete
+from loop.cache_files import discard_unfinished, is_complete, mark_complete
 from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
 
 PREP_VERSION = 5  # bump when _prepare_batch changes what it writes, so old caches are not reused
@@ -327,7 +327,8 @@ def prepare(
         new_fingerprint=fingerprint,
         desc=f"preparing {report.name}",
     )
-    mark_complete(cache_dir, stem, [f["filename"] for f in prepared.cache_files])
+    if not is_complete(cache_dir, stem):  # prepared now, not reused: its files are vouched for from here on
+        mark_complete(cache_dir, stem, [f["filename"] for f in prepared.cache_files])
     reasons, counts = prepared["skip_reason"], prepared["utterances"]
     bad = [i for i, reason in enumerate(reasons) if reason]
     for index, message in zip(bad, prepared.select(bad)["skip_message"]):
