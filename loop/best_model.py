@@ -7,10 +7,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from loop.files import replace_dir
+from loop.disk_space import folder_bytes, reporting_save_failure, weights_bytes
+from loop.files import file_checksums, replace_dir, write_json_atomic
 from loop.lora import ADAPTER_DIR, is_lora_model, merged_copy, save_adapter
 
 BEST_DIR = "best"
+CHECKSUMS_FILE = "checksums.json"  # {file: {"sha256", "bytes"}} of best/'s files, written last
 
 
 def best_dir(output_dir: str | Path) -> Path:
@@ -25,18 +27,21 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
     lora = is_lora_model(accelerator.unwrap_model(model))
     state_dict = None if lora else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        if lora:
-            write_merged_and_adapter(unwrapped, staging)
-        else:
-            unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
-            try:
-                unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-            finally:
-                unwrapped.config.use_cache = False
-        processor.save_pretrained(staging)
-        replace_dir(staging, best)
+        needed = max(weights_bytes(model), folder_bytes(best))  # the previous best/ holds the processor files too
+        with reporting_save_failure(f"{BEST_DIR}/ (the best model so far)", best, needed, output_dir, staging=staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            unwrapped = accelerator.unwrap_model(model)
+            if lora:
+                write_merged_and_adapter(unwrapped, staging)
+            else:
+                unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
+                try:
+                    unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+                finally:
+                    unwrapped.config.use_cache = False
+            processor.save_pretrained(staging)
+            write_json_atomic(staging / CHECKSUMS_FILE, file_checksums(staging))
+            replace_dir(staging, best)
     accelerator.wait_for_everyone()
     return best
 

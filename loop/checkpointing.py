@@ -7,7 +7,9 @@ The loop's own state is plain JSON rather than a registered object: Accelerate u
 
 Folders are named by optimizer step here, not by Accelerate's automatic naming, whose counter restarts after a
 resume and then prunes the wrong checkpoint. Each is written to a hidden temporary folder and renamed into place,
-so a process killed mid-save never leaves a folder that looks complete.
+so a process killed mid-save never leaves a folder that looks complete. `loop_state.json` also records each of the
+folder's files with its SHA-256 and size (`files`), so a resume can tell a checkpoint damaged later (a truncated
+copy, a bad disk) from a good one: `loop.checkpoint_integrity`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loop.files import replace_dir, write_json_atomic
+from loop.disk_space import checkpoint_bytes, reporting_save_failure
+from loop.files import file_checksums, replace_dir, write_json_atomic
 
 CHECKPOINT = re.compile(r"^step_(\d+)$")
 STATE_FILE = "loop_state.json"
+CHECKSUMS_KEY = "files"  # in STATE_FILE: {file: {"sha256", "bytes"}} of every other file of the checkpoint
 
 
 @dataclass
@@ -57,8 +61,9 @@ class LoopState:
         return values
 
     @classmethod
-    def from_json(cls, values: dict) -> "LoopState":
+    def from_json(cls, values: dict) -> LoopState:
         values = dict(values)
+        values.pop(CHECKSUMS_KEY, None)  # the checkpoint's checksums, not loop state
         values["best_wer"] = math.inf if values.get("best_wer") is None else values["best_wer"]
         return cls(**values)
 
@@ -90,21 +95,41 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, confi
     keeps the newest `keep` checkpoints and the best one."""
     final = checkpoints_dir(output_dir) / f"step_{state.step}"
     staging = checkpoints_dir(output_dir) / f".tmp-step_{state.step}"
+    # A failed write (a full disk) removes the staging folder and raises one SaveError; complete checkpoints stay.
+    with reporting_save_failure(f"checkpoint {final.name}", final.parent, checkpoint_bytes(accelerator), output_dir,
+                                staging=staging):
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
+        if accelerator.is_main_process:
+            write_json_atomic(staging / "config.json", config)
+            # The state file is written last: a folder without it is never taken for a checkpoint.
+            write_state_file(staging, state)
+            # A re-save of the same step (after a resume that stopped at once) replaces the folder whole.
+            replace_dir(staging, final)
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
-    if accelerator.is_main_process:
-        write_json_atomic(staging / "config.json", config)
-        # The state file is written last: a folder without it is never taken for a checkpoint.
-        write_json_atomic(staging / STATE_FILE, state.to_json())
-        # A re-save of the same step (after a resume that stopped at once) replaces the folder whole.
-        replace_dir(staging, final)
         rotate_checkpoints(output_dir, keep=keep, protect_step=state.best_step)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_state_file(folder: Path, state: LoopState) -> Path:
+    """`loop_state.json`: the loop's state and the SHA-256 and size of every other file in `folder`."""
+    return write_json_atomic(folder / STATE_FILE, {**state.to_json(),
+                                                   CHECKSUMS_KEY: file_checksums(folder, skip=(STATE_FILE,))})
+
+
+def recorded_checksums(checkpoint: Path) -> dict | None:
+    """The checksums `loop_state.json` recorded (None: a checkpoint of an earlier version, without them). Raises
+    ValueError when the state file itself cannot be read."""
+    try:
+        values = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{STATE_FILE}: unreadable ({error})") from error
+    return values.get(CHECKSUMS_KEY) if isinstance(values, dict) else None
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int, protect_step: int) -> list[Path]:

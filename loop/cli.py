@@ -8,7 +8,7 @@ import dataclasses
 import textwrap
 import typing
 
-from loop.config import SECTIONS, ConfigError, Range, field_docs, field_types
+from loop.config import SECTIONS, ConfigError, Pattern, Range, field_docs, field_types
 from loop.config_loading import SHORT_FORMS, list_presets
 
 HELP_WIDTH = 100
@@ -53,7 +53,7 @@ def _allowed(kind) -> str:
     extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is typing.Annotated else ()
     if typing.get_origin(kind) is typing.Literal:
         return "one of " + ", ".join(typing.get_args(kind))
-    return ", ".join(extra.describe() for extra in extras if isinstance(extra, Range))
+    return ", ".join(extra.describe() for extra in extras if isinstance(extra, (Range, Pattern)))
 
 
 def one_line(error: Exception) -> str:

@@ -50,6 +50,22 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
+@dataclass(frozen=True)
+class Pattern:
+    """The strings a field allows (`Annotated[bool | str, Pattern(r"step_\\d+", "step_N")]`), checked by
+    `field_problems` like a `Range`; values of the field's other types pass."""
+
+    regex: str
+    shown_as: str
+    """How `--help` and errors show the allowed strings."""
+
+    def allows(self, value) -> bool:
+        return not isinstance(value, str) or re.fullmatch(self.regex, value) is not None
+
+    def describe(self) -> str:
+        return self.shown_as
+
+
 AtLeastOne = Annotated[int, Range(low=1)]
 NotNegative = Annotated[int, Range(low=0)]
 Probability = Annotated[float, Range(low=0, high=1, high_open=True)]
@@ -197,8 +213,9 @@ class TrainConfig:
     padding, and a short window for every row with `model.encoder_window: dynamic`."""
     dataloader_num_workers: NotNegative = 0
     """DataLoader worker processes."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in `output_dir`."""
+    resume: Annotated[bool | str, Pattern(r"step_\d+", "true, false or step_N")] = False
+    """`true`: continue from the newest checkpoint in `output_dir` that passes verification (its files' SHA-256);
+    `step_N`: from `checkpoints/step_N`."""
     overwrite_output_dir: bool = False
     """Start afresh in an `output_dir` that holds another run's checkpoints."""
     allow_config_change: bool = False

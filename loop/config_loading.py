@@ -9,6 +9,7 @@ that depend on each other (`validate`).
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +21,7 @@ from loop.config import (
     PRESETS_DIR,
     SECTIONS,
     ConfigError,
+    Pattern,
     Range,
     RunConfig,
     field_types,
@@ -53,6 +55,14 @@ def _base_type(kind):
 def _coerce(value, kind, where: str, problems: list[str]):
     """Converts a YAML or command-line value to the field's type; records a problem if it cannot."""
     kind = _base_type(kind)
+    if isinstance(kind, types.UnionType):  # `bool | str`: the first member the value converts to, in order
+        for member in typing.get_args(kind):
+            tried: list[str] = []
+            coerced = _coerce(value, member, where, tried)
+            if not tried:
+                return coerced
+        problems.append(f"{where}: got {value!r}")
+        return None
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -159,7 +169,7 @@ def field_problems(config: RunConfig, section: str) -> list[str]:
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
         if choices and value not in choices:
             problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-        for limit in (extra for extra in extras if isinstance(extra, Range)):
+        for limit in (extra for extra in extras if isinstance(extra, (Range, Pattern))):
             for item in value if isinstance(value, list) else [value]:  # a list's bounds hold for every item
                 if not limit.allows(item):
                     problems.append(f"{option} must be {limit.describe()}, got {item}")

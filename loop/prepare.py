@@ -2,8 +2,9 @@
 
 Preparation runs as a batched `datasets.map` (with `num_proc` workers) into an Arrow cache file whose name is a
 fingerprint of the inputs (rows, clip sizes and times) and of the settings (feature extractor, tokenizer, limits):
-a second run with the same inputs reuses the file instead of decoding the audio again. Rows that cannot be used
-are kept through the map with a `skip_reason`, then counted and dropped, so one bad clip never ends a preparation.
+a second run with the same inputs reuses the file instead of decoding the audio again, once its preparation has
+finished (`loop.cache_files`). Rows that cannot be used are kept through the map with a `skip_reason`, then counted
+and dropped, so one bad clip never ends a preparation.
 Implausible rows (too little audio, or a transcript too fast or too slow for it: a truncated clip, a mismatched
 transcript) are skipped the same way in training splits; evaluation keeps them, flagged in an `implausible` column,
 so its WER stays comparable with published figures on the same split.
@@ -29,6 +30,7 @@ import datasets
 import numpy as np
 
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio, quantize
+from loop.cache_files import discard_unfinished, is_complete, mark_complete
 from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
 
 PREP_VERSION = 5  # bump when _prepare_batch changes what it writes, so old caches are not reused
@@ -305,6 +307,8 @@ def prepare(
     )
     if len(utterances) == 0:  # `map` hands an empty table back unchanged, without the prepared columns
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    stem = f"{report.name}-{fingerprint}"
+    discard_unfinished(cache_dir, stem)  # a killed preparation's files are prepared again, never reused
     prepared = utterances.map(
         _prepare_batch,
         batched=True,
@@ -318,11 +322,13 @@ def prepare(
         },
         remove_columns=[c for c in utterances.column_names if c not in KEPT_COLUMNS],
         features=features,
-        cache_file_name=str(cache_dir / f"{report.name}-{fingerprint}.arrow"),
+        cache_file_name=str(cache_dir / f"{stem}.arrow"),
         load_from_cache_file=True,
         new_fingerprint=fingerprint,
         desc=f"preparing {report.name}",
     )
+    if not is_complete(cache_dir, stem):  # prepared now, not reused: its files are vouched for from here on
+        mark_complete(cache_dir, stem, [f["filename"] for f in prepared.cache_files])
     reasons, counts = prepared["skip_reason"], prepared["utterances"]
     bad = [i for i, reason in enumerate(reasons) if reason]
     for index, message in zip(bad, prepared.select(bad)["skip_message"]):

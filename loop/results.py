@@ -7,6 +7,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
+from loop.disk_space import reporting_save_failure
 from loop.files import write_json_atomic
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "soundfile", "soxr", "jiwer", "tokenizers")
@@ -65,4 +66,6 @@ def _rate(count: int, seconds: float) -> float | None:
 
 
 def write_results(output_dir: str | Path, results: dict) -> Path:
-    return write_json_atomic(Path(output_dir) / RESULTS_FILE, results)
+    path = Path(output_dir) / RESULTS_FILE
+    with reporting_save_failure(RESULTS_FILE, path.parent, 2 * len(str(results)), output_dir):
+        return write_json_atomic(path, results)

@@ -15,7 +15,7 @@ import datasets
 from accelerate import Accelerator
 
 from loop.accelerator import build_accelerator, resolve_mixed_precision
-from loop.config import RunConfig
+from loop.config import ConfigError, RunConfig
 from loop.config_loading import parse_overrides
 from loop.data import build_eval_split
 from loop.encoder_window import saved_encoder_window
@@ -32,6 +32,7 @@ from loop.report import (
     write_report_html,
     write_report_md,
 )
+from loop.run_lock import refuse_inside_running_run
 from loop.sources import DataError
 
 METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "num_utterances", "num_failed")
@@ -174,6 +175,9 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. Returns the metrics."""
     decode = decode or DecodeOverrides()
     batch_size = batch_size or config.eval.per_device_eval_batch_size
+    inside_run = refuse_inside_running_run(config.output_dir)  # that run owns its folder until it ends
+    if inside_run:
+        raise ConfigError([inside_run])
     accelerator = build_accelerator(resolve_mixed_precision(mixed_precision, "--mixed_precision"))
     first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size)
     second = None

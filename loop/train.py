@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.augment import Augmenter, step_generator
 from loop.best_model import best_dir, write_best_model
-from loop.checkpointing import LoopState, keep_adapters_only, latest_checkpoint, load_checkpoint, save_checkpoint
+from loop.checkpointing import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
+from loop.disk_space import warn_if_short_of_space
 from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
@@ -39,6 +40,7 @@ from loop.model_card import push_to_hub, write_model_card
 from loop.optimizers import build_optimizer
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
+from loop.run_lock import release
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 
@@ -79,13 +81,16 @@ class StopRequested:
 
 def train(config: RunConfig) -> dict:
     """Runs the whole job and returns the contents of results.json."""
-    run = setup(config)
-    stop = StopRequested()
-    stop.install()
-    stopped = fit(run, stop)
-    if stopped:
-        return {"stopped": stopped, "step": run.state.step}
-    return finish(run)
+    try:
+        run = setup(config)
+        stop = StopRequested()
+        stop.install()
+        stopped = fit(run, stop)
+        if stopped:
+            return {"stopped": stopped, "step": run.state.step}
+        return finish(run)
+    finally:
+        release(config.output_dir)  # the folder's lock (a process that dies drops it anyway)
 
 
 def setup(config: RunConfig) -> Run:
@@ -98,7 +103,7 @@ def setup(config: RunConfig) -> Run:
     set_seed(config.train.seed)
     for warning in config_warnings(config):
         accelerator.print(f"warning: {warning}")
-    prepare_output_dir(config, accelerator)
+    checkpoint = prepare_output_dir(config, accelerator)  # locks the folder; the verified checkpoint to resume
     model, processor = load_model(config.model, config.eval)
     augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
     accelerator.print(augmenter.describe())
@@ -119,7 +124,6 @@ def setup(config: RunConfig) -> Run:
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
     state = LoopState()
-    checkpoint = latest_checkpoint(config.output_dir) if config.train.resume else None
     if config.model.lora:  # checkpoints then hold the adapter, not the frozen base
         keep_adapters_only(accelerator)
         accelerator.print(trainable_summary(model))
@@ -131,6 +135,7 @@ def setup(config: RunConfig) -> Run:
     if config.train.report_to == "tensorboard":
         accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(config))
     if accelerator.is_main_process:
+        warn_if_short_of_space(accelerator, model, optimizer, config.output_dir, config.train.save_total_limit)
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
         accelerator.print(data.reports["train"].summary())
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")

@@ -6,11 +6,14 @@ Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=v
 
 import sys
 
+from loop.checkpoint_integrity import CheckpointError
 from loop.cli import make_parser
 from loop.config import ConfigError
 from loop.config_loading import load_config
+from loop.disk_space import SaveError
 from loop.model import ModelLoadError
 from loop.model_card import HubUploadError
+from loop.run_lock import FolderInUseError
 from loop.sources import DataError
 from loop.train import train
 
@@ -21,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides, args.output_dir)
         train(config)  # a run stopped by SIGTERM/SIGINT has saved a checkpoint and returns normally
-    except (ConfigError, DataError, ModelLoadError) as error:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, FolderInUseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (FloatingPointError, HubUploadError) as error:
+    except (FloatingPointError, HubUploadError, SaveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

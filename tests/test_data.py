@@ -262,15 +262,15 @@ def without_cache(report: dict) -> dict:
 
 
 def cache_files(folder) -> dict[str, tuple[int, int]]:
-    """File name -> (inode, mtime) in a cache folder: a reuse leaves every file as it was, a new preparation adds a
-    file (a new fingerprint) or writes one anew (the same one)."""
-    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in Path(folder).iterdir()}
+    """Arrow file name -> (inode, mtime) in a cache folder: a reuse leaves every file as it was, a new preparation
+    adds a file (a new fingerprint) or writes one anew (the same one). Completion markers are not listed."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in Path(folder).glob("*.arrow")}
 
 
 def test_a_second_prepare_reuses_the_cache(small_utterances, processor, tmp_path):
     cache = tmp_path / "cache"
     first, _ = prepare_small(small_utterances, processor, cache)
-    files = sorted(os.listdir(cache))
+    files = sorted(cache_files(cache))
     assert len(files) == 1 and files[0].startswith("test-") and files[0].endswith(".arrow")
     written = cache_files(cache)
     second, report = prepare_small(small_utterances, processor, cache)
@@ -287,10 +287,10 @@ def test_a_changed_setting_or_clip_prepares_again(small_utterances, processor, t
     assert 0 < over < 16 and all(abs(listed[clip] - 2.5) > 0.005 for clip in small_utterances["id"])
     shorter, report = prepare_small(small_utterances, processor, cache, max_duration_s=2.5)
     assert dict(report.skips.counts) == {"too_long": over} and len(shorter) == 16 - over
-    assert len(os.listdir(cache)) == 2
+    assert len(cache_files(cache)) == 2
     os.utime(small_utterances[3]["audio_path"], ns=(0, 1_000_000_000))  # a clip replaced since: a new mtime
     again, _ = prepare_small(small_utterances, processor, cache)
-    assert len(os.listdir(cache)) == 3 and len(again) == 16
+    assert len(cache_files(cache)) == 3 and len(again) == 16
     written = cache_files(cache)  # the same inputs once more: from the cache
     assert prepare_small(small_utterances, processor, cache)[0]["labels"] == again["labels"]
     assert cache_files(cache) == written
@@ -303,7 +303,7 @@ def test_two_workers_match_one_and_reuse_their_cache(small_utterances, processor
     serial, _ = prepare_small(small_utterances, processor, tmp_path / "serial")
     with deadline(120):
         parallel, report = prepare_small(small_utterances, processor, tmp_path / "parallel", num_proc=2)
-    assert sorted(os.listdir(tmp_path / "parallel"))[-1].endswith("_00001_of_00002.arrow")  # two shards: two workers
+    assert max(cache_files(tmp_path / "parallel")).endswith("_00001_of_00002.arrow")  # two shards: two workers
     assert (report.read, report.kept) == (16, 16) and parallel["id"] == serial["id"]
     assert parallel["labels"] == serial["labels"]
     assert parallel["audio"] == serial["audio"] and parallel["audio_scale"] == serial["audio_scale"]
