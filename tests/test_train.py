@@ -188,10 +188,12 @@ AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_proba
                      "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05")
 
 
-@pytest.mark.parametrize("extra", [(), AUGMENTED_DYNAMIC], ids=["plain", "augmented-dynamic-grouped"])
+@pytest.mark.parametrize(("fast_model", "extra"), [("v2", ()), ("v3", ()), ("v2", AUGMENTED_DYNAMIC)],
+                         ids=["plain", "plain-v3", "augmented-dynamic-grouped"], indirect=["fast_model"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
-    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
+    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches,
+    and on a v3-shaped model (128 mel bins, its own special ids)."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
               *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
@@ -244,6 +246,7 @@ def test_a_dynamic_window_trains_on_short_features_and_is_scored_at_both_windows
     assert results["test_wer"] == results["test_by_window"]["dynamic"]["wer"]
 
 
+@pytest.mark.parametrize("fast_model", ["v2", "v3"], indirect=True)  # v3: 128 mel bins, <|yue|>, ids moved by one
 def test_results_json_and_outputs(tmp_path, fast_model, session_cache_dir):
     config = small_run(tmp_path, fast_model, session_cache_dir, "--train.max_steps=4", "--eval.eval_steps=2",
                        "--train.save_steps=2", "--eval.eval_on_start=true", "--train.save_total_limit=1")
