@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from loop.files import replace_dir
+from loop.sharding import full_state_dict
 
 BEST_DIR = "best"
 
@@ -20,7 +21,7 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
     best only once the new folder is complete. All processes must call it (the state dict may be gathered)."""
     best = best_dir(output_dir)
     staging = Path(output_dir) / f".tmp-{BEST_DIR}"
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)  # gathered from the shards under FSDP2 and ZeRO-3
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)

@@ -31,8 +31,13 @@ class TokenLayout:
     translate: int
     transcribe: int
     no_timestamps: int
-    first_timestamp: int
     num_mel_bins: int
+
+    @property
+    def first_timestamp(self) -> int:
+        """<|0.00|>: generation takes it as the id after <|notimestamps|> (some Hub tokenizers lack the timestamp
+        tokens as added tokens and decode them by this arithmetic)."""
+        return self.no_timestamps + 1
 
     @classmethod
     def of(cls, processor) -> TokenLayout:
@@ -44,7 +49,7 @@ class TokenLayout:
             end=added["<|endoftext|>"], start=added["<|startoftranscript|>"],
             languages={f"<|{code}|>": added[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in added},
             translate=added["<|translate|>"], transcribe=added["<|transcribe|>"],
-            no_timestamps=added["<|notimestamps|>"], first_timestamp=added["<|0.00|>"],
+            no_timestamps=added["<|notimestamps|>"],
             num_mel_bins=processor.feature_extractor.feature_size,
         )
 

@@ -37,6 +37,7 @@ from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
+from loop.sharding import check_generation_supported, grad_norm_tensor
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 
@@ -121,6 +122,7 @@ def setup(config: RunConfig) -> Run:
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
+    check_generation_supported(accelerator, model)
     state = LoopState()
     checkpoint = latest_checkpoint(config.output_dir) if config.train.resume else None
     if checkpoint is not None:
@@ -265,6 +267,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
             loss_sum += token_loss_sum.detach().float()
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm_tensor(grad_norm, accelerator.device)  # DeepSpeed hands back a float
     finite = torch.isfinite(accelerator.reduce(loss_sum.clone(), reduction="sum"))
     if accelerator.mixed_precision != "fp16":  # fp16's scaler skips overflowing gradients itself
         finite &= torch.isfinite(grad_norm)

@@ -57,6 +57,8 @@ def test_the_two_tiny_models_differ_as_v2_and_v3_do(loaded):
     assert v3.languages["<|yue|>"] == v2.translate  # the new token takes <|translate|>'s place ...
     for name in ("translate", "transcribe", "no_timestamps", "first_timestamp"):  # ... and moves what follows
         assert getattr(v3, name) == getattr(v2, name) + 1, name
+    for _, processor, layout in loaded.values():
+        assert processor.tokenizer.convert_tokens_to_ids("<|0.00|>") == layout.first_timestamp
     assert (v2.num_mel_bins, v3.num_mel_bins) == (80, 128)
     assert (v2_model.config.num_mel_bins, v3_model.config.num_mel_bins) == (80, 128)
     assert v3_model.config.vocab_size == v2_model.config.vocab_size + 1
