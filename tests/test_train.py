@@ -246,7 +246,6 @@ def test_a_dynamic_window_trains_on_short_features_and_is_scored_at_both_windows
     assert results["test_wer"] == results["test_by_window"]["dynamic"]["wer"]
 
 
-@pytest.mark.parametrize("fast_model", ["v2", "v3"], indirect=True)  # v3: 128 mel bins, <|yue|>, ids moved by one
 def test_results_json_and_outputs(tmp_path, fast_model, session_cache_dir):
     config = small_run(tmp_path, fast_model, session_cache_dir, "--train.max_steps=4", "--eval.eval_steps=2",
                        "--train.save_steps=2", "--eval.eval_on_start=true", "--train.save_total_limit=1")

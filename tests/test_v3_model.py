@@ -1,6 +1,6 @@
 """The two tiny Whispers, v2-shaped (assets/tiny-whisper-hi) and v3-shaped (assets/tiny-whisper-v3-hi): their ids
 really differ as the Hub's do, and labels, features, generation, scripts/evaluate.py and the demo each follow the
-model's own files. (The training tests run on both shapes too: tests/test_train.py, `fast_model` "v3".)"""
+model's own files. (The exact-resume training test runs on both shapes too: tests/test_train.py, `fast_model` "v3".)"""
 
 from __future__ import annotations
 
