@@ -84,7 +84,8 @@ def full_state_dict(accelerator, model) -> dict:
 
 
 def check_generation_supported(accelerator, model) -> None:
-    """FSDP1 (`fsdp_version: 1`) keeps flattened parameters the evaluation cannot gather this way: refused with the fix."""
+    """FSDP1 (`fsdp_version: 1`) keeps flattened parameters the evaluation cannot gather this way: refused, with
+    the fix."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and not fsdp2_units(model):

@@ -74,7 +74,8 @@ def train_tokenizer(sentences: list[str], vocab_size: int, language: str, task: 
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     bpe.train_from_iterator(sentences, trainer)
-    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in whisper_special_tokens(shape)])
+    special = whisper_special_tokens(shape)
+    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "tokenizer.json"
         bpe.save(str(path))

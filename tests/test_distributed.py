@@ -81,7 +81,8 @@ def test_fsdp2_evaluation_and_best_on_two_cpu_processes(tmp_path, decoding_check
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(PROJECT / "tests" / "fsdp_worker.py"), str(decoding_checkpoint), str(corpus_dir),
                str(session_cache_dir), str(out)]
-    done = subprocess.run(command, check=False, env=child_env(), capture_output=True, text=True, timeout=600, cwd=PROJECT)
+    done = subprocess.run(command, check=False, env=child_env(), capture_output=True, text=True, timeout=600,
+                          cwd=PROJECT)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "fsdp_results.json").read_text(encoding="utf-8"))
     assert results["units"] == 5  # 2 encoder layers, 2 decoder layers, the root

@@ -146,7 +146,8 @@ def test_evaluate_and_the_demo_on_a_v3_checkpoint(tmp_path, decoding_checkpoint,
 
     out = tmp_path / "evaluated"
     code = run_evaluate_script("--model", decoding_checkpoint, "--data.path", corpus_dir, "--data.eval_split", "test",
-                               "--data.max_eval_samples=4", f"--data.cache_dir={session_cache_dir}", "--data.num_proc=1",
+                               "--data.max_eval_samples=4", f"--data.cache_dir={session_cache_dir}",
+                               "--data.num_proc=1",
                                "--output_dir", out, "--compare", tiny("v2"),
                                f"--eval.generation_max_length={DECODE_MAX_LENGTH}", "--batch_size=2")
     assert code == 0
