@@ -10,6 +10,7 @@ from pathlib import Path
 from loop.disk_space import folder_bytes, reporting_save_failure, weights_bytes
 from loop.files import file_checksums, replace_dir, write_json_atomic
 from loop.lora import ADAPTER_DIR, is_lora_model, merged_copy, save_adapter
+from loop.sharding import full_state_dict
 
 BEST_DIR = "best"
 CHECKSUMS_FILE = "checksums.json"  # {file: {"sha256", "bytes"}} of best/'s files, written last
@@ -25,7 +26,7 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
     best = best_dir(output_dir)
     staging = Path(output_dir) / f".tmp-{BEST_DIR}"
     lora = is_lora_model(accelerator.unwrap_model(model))
-    state_dict = None if lora else accelerator.get_state_dict(model)
+    state_dict = None if lora else full_state_dict(accelerator, model)  # gathered from the shards under FSDP2 and ZeRO-3
     if accelerator.is_main_process:
         needed = max(weights_bytes(model), folder_bytes(best))  # the previous best/ holds the processor files too
         with reporting_save_failure(f"{BEST_DIR}/ (the best model so far)", best, needed, output_dir, staging=staging):

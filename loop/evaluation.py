@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from loop.encoder_window import batch_features, generation_inputs
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.metrics import compute_metrics
+from loop.sharding import full_parameters, generation_kwargs
 
 
 @torch.no_grad()
@@ -27,18 +28,20 @@ def transcribe(model, input_features: torch.Tensor, tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cross_attention=None) -> torch.Tensor:
+def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cross_attention=None,
+                 **engine_kwargs) -> torch.Tensor:
     """Generated token ids (batch, length); language and task are passed explicitly as the Whisper API requires,
     everything else (max_length, num_beams) comes from `model.generation_config`. With `encoder_outputs` (the
     encoder's output for `input_features`, already computed) the encoder is not run again; with `cross_attention`
-    (a cache filled by a decoder pass over the same encoder output) neither are the decoder's projections of it."""
+    (a cache filled by a decoder pass over the same encoder output) neither are the decoder's projections of it.
+    `engine_kwargs`: `loop.sharding.generation_kwargs` (synced_gpus under ZeRO-3)."""
     settings = model.generation_config
     # A copy: for beam search generate repeats the encoder output's rows in place, in the object it is given.
     inputs = (generation_inputs(model, input_features) if encoder_outputs is None
               else {"encoder_outputs": copy.copy(encoder_outputs)})
     if cross_attention is not None and shares_cross_attention(settings):
         inputs["cache"] = EncoderDecoderCache(DynamicCache(), cross_attention)
-    return model.generate(**inputs, language=settings.language, task=settings.task, use_cache=True)
+    return model.generate(**inputs, language=settings.language, task=settings.task, use_cache=True, **engine_kwargs)
 
 
 def shares_cross_attention(settings) -> bool:
@@ -62,11 +65,24 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
              compute_loss: bool = True, description: str = "eval") -> EvalResult:
     """Decodes every utterance of `dataloader` once across all processes and scores it against `references`
     (indexed by the rows' `index`). `log_mel` (`loop.features.LogMel` of the model's feature extractor, on the
-    accelerator) turns each batch's audio into features. Every process returns the same result."""
+    accelerator) turns each batch's audio into features. Every process returns the same result. A model sharded
+    with FSDP2 is gathered whole for the evaluation, and ZeRO-3 generates in lockstep (`loop.sharding`)."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
+    with full_parameters(model):
+        result = _evaluate(model, dataloader, accelerator, tokenizer, references, language, log_mel=log_mel,
+                           compute_loss=compute_loss, description=description)
+    if was_training:
+        model.train()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *, log_mel,
+              compute_loss: bool, description: str) -> EvalResult:
     generator = accelerator.unwrap_model(model)
+    engine_kwargs = generation_kwargs(accelerator)
     pad_id = generator.generation_config.pad_token_id
     indices, hypothesis_ids, failed, loss_sums, token_counts = [], [], [], [], []
     for number, batch in enumerate(tqdm(dataloader, desc=description, disable=not accelerator.is_main_process, leave=False)):
@@ -82,7 +98,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
                     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
                     loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
                     cross_attention = cache.cross_attention_cache
-                token_ids = generate_ids(generator, features, encoder_outputs, cross_attention)
+                token_ids = generate_ids(generator, features, encoder_outputs, cross_attention, **engine_kwargs)
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
             if "out of memory" in str(error).lower():
@@ -117,9 +133,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
         metrics["loss"] = (torch.stack(loss_sums).sum() / torch.stack(token_counts).sum().clamp(min=1)).item()
     metrics["num_utterances"] = len(predictions)
     metrics["num_failed"] = sum(failed)
-    if was_training:
-        model.train()
-    return EvalResult(metrics, predictions, time.perf_counter() - started)
+    return EvalResult(metrics, predictions)
 
 
 def _per_row_loss(model, batch, encoder_outputs, cache=None) -> tuple[torch.Tensor, torch.Tensor]:

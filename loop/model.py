@@ -9,6 +9,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGU
 from loop.config import EvalConfig, ModelConfig, resolve_path
 from loop.encoder_window import allow_short_inputs, record_encoder_window, saved_encoder_window
 from loop.lora import apply_lora, quantized_loading
+from loop.token_layout import LayoutError, check_layout
 
 
 class ModelLoadError(RuntimeError):
@@ -62,6 +63,7 @@ def load_model(config: ModelConfig, eval_config: EvalConfig | None = None) -> tu
                          mask_feature_prob=config.mask_feature_prob, **quantized_loading(config))
     processor = load_processor(config.name_or_path, config.language, config.task)
     set_generation_settings(model, config.language, config.task, eval_config)
+    check_files_agree(config.name_or_path, model, processor)
     set_encoder_window(model, config.encoder_window, config.encoder_window_multiple_s)
     model.config.use_cache = False  # the cache only serves generation; training would keep it for nothing
     if config.freeze_encoder:
@@ -129,7 +131,19 @@ def load_for_inference(
         settings.max_length = max_length
     model.config.use_cache = True
     model.eval()
-    return model, load_processor(name_or_path, language, task)
+    processor = load_processor(name_or_path, language, task)
+    check_files_agree(name_or_path, model, processor)
+    return model, processor
+
+
+def check_files_agree(name_or_path: str, model, processor) -> None:
+    """The model's mel bins and special ids are its processor's (v2 and v3 checkpoints differ in both:
+    `loop.token_layout`), and its tokenizer has the language asked for."""
+    settings = model.generation_config
+    try:
+        check_layout(name_or_path, model, processor, settings.language, settings.task)
+    except LayoutError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def language_name(code: str) -> str:

@@ -41,6 +41,7 @@ from loop.optimizers import build_optimizer
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.run_lock import release
+from loop.sharding import check_generation_supported, grad_norm_tensor
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 
@@ -123,6 +124,7 @@ def setup(config: RunConfig) -> Run:
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
+    check_generation_supported(accelerator, model)
     state = LoopState()
     if config.model.lora:  # checkpoints then hold the adapter, not the frozen base
         keep_adapters_only(accelerator)
@@ -270,6 +272,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
             loss_sum += token_loss_sum.detach().float()
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm_tensor(grad_norm, accelerator.device)  # DeepSpeed hands back a float
     finite = torch.isfinite(accelerator.reduce(loss_sum.clone(), reduction="sum"))
     if accelerator.mixed_precision != "fp16":  # fp16's scaler skips overflowing gradients itself
         finite &= torch.isfinite(grad_norm)

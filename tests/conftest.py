@@ -41,9 +41,14 @@ def corpus_dir() -> Path:
     return CORPUS_ROOT / "hi"
 
 
+TINY_MODELS = {"v2": "tiny-whisper-hi", "v3": "tiny-whisper-v3-hi"}  # 80 mel bins / 128 and <|yue|> (assets/README.md)
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
-    return PROJECT / "assets" / "tiny-whisper-hi"
+def tiny_model_dir(request) -> Path:
+    """assets/tiny-whisper-hi (v2's layout); a test marked `@pytest.mark.parametrize("tiny_model_dir", ["v2", "v3"],
+    indirect=True)` runs on assets/tiny-whisper-v3-hi (large-v3's) too."""
+    return PROJECT / "assets" / TINY_MODELS[getattr(request, "param", "v2")]
 
 
 @pytest.fixture(scope="session")
@@ -131,17 +136,24 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+# `fast_model` and `decoding_checkpoint` have v2's layout (80 mel bins) unless a test asks for both shapes with
+# `@pytest.mark.parametrize("fast_model", ["v2", "v3"], indirect=True)`: then it also runs on a v3-shaped one
+# (128 mel bins, <|yue|> and the task and timestamp ids after it moved by one), each built once per session.
+
+
 @pytest.fixture(scope="session")
-def fast_model(tmp_path_factory) -> Path:
-    """`tests.helpers.build_fast_model`'s Whisper, built once: training tests start from it."""
+def fast_model(tmp_path_factory, request) -> Path:
+    """`tests.helpers.build_fast_model`'s Whisper, built once per shape: training tests start from it."""
     from tests.helpers import build_fast_model
 
-    return build_fast_model(tmp_path_factory.mktemp("fast-model"))
+    shape = getattr(request, "param", "v2")
+    return build_fast_model(tmp_path_factory.mktemp(f"fast-model-{shape}"), shape=shape)
 
 
 @pytest.fixture(scope="session")
-def decoding_checkpoint(tmp_path_factory) -> Path:
-    """`tests.helpers.build_decoding_checkpoint`'s saved model, built once: a stand-in for a trained best/."""
+def decoding_checkpoint(tmp_path_factory, request) -> Path:
+    """`tests.helpers.build_decoding_checkpoint`'s saved model, built once per shape: a stand-in for a trained best/."""
     from tests.helpers import build_decoding_checkpoint
 
-    return build_decoding_checkpoint(tmp_path_factory.mktemp("decoding-checkpoint"))
+    shape = getattr(request, "param", "v2")
+    return build_decoding_checkpoint(tmp_path_factory.mktemp(f"decoding-checkpoint-{shape}"), shape=shape)

@@ -23,15 +23,15 @@ def corpus_rows(split: str) -> list[dict]:
     return read_common_voice_split(find_common_voice_dir(str(CORPUS)), split, SkipLog())
 
 
-def build_fast_model(folder: Path, seed: int = 0) -> Path:
+def build_fast_model(folder: Path, seed: int = 0, shape: str = "v2") -> Path:
     """A smaller, shorter-window Whisper than assets/tiny-whisper-hi (5-s window: every shipped clip is under
-    4 s), so training tests take seconds."""
+    4 s), so training tests take seconds; `shape` v2 (80 mel bins) or v3 (128, <|yue|>: loop.tiny_model.SHAPES)."""
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     return build_tiny_whisper(sentences, folder, vocab_size=600, chunk_length_s=5, d_model=64, layers=2, heads=2,
-                              max_target_positions=128, seed=seed)
+                              max_target_positions=128, seed=seed, shape=shape)
 
 
-def build_decoding_checkpoint(folder: Path, seed: int = 0) -> Path:
+def build_decoding_checkpoint(folder: Path, seed: int = 0, shape: str = "v2") -> Path:
     """A random 5-s-window Whisper (`build_fast_model`'s shape) saved the way the loop saves `best/` (language,
     task and max length in its generation config), standing in for a trained checkpoint (training one takes
     minutes on 2 cores): its weight matrices are scaled up so that every clip gets a different transcript, and
@@ -44,7 +44,7 @@ def build_decoding_checkpoint(folder: Path, seed: int = 0) -> Path:
     from loop.config import EvalConfig
     from loop.model import set_generation_settings
 
-    build_fast_model(folder, seed)
+    build_fast_model(folder, seed, shape)
     model = WhisperForConditionalGeneration.from_pretrained(folder)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

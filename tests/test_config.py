@@ -106,9 +106,9 @@ def test_a_preset_file_with_an_empty_section_loads(tmp_path):
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_loads(preset, corpus_root):
-    # The recipe presets leave data.path empty on purpose (the user's download): give them the shipped corpus.
+    # The Common Voice presets leave data.path empty on purpose (the user's download): give them the shipped corpus.
     recipe = preset.startswith("whisper-small-hi")
-    config = load_config(preset, [f"--data.path={corpus_root}"] if recipe else [])
+    config = load_config(preset, [f"--data.path={corpus_root}"] if preset.startswith("whisper-") else [])
     assert config.model.language == "hindi" and config.data.source == "common_voice"
     assert from_dict(to_dict(config)) == config  # what checkpoints save, they can load
     if preset == "whisper-small-hi-fast":  # the recipe, with the dynamic window and nothing else changed
@@ -121,12 +121,18 @@ def test_every_preset_loads(preset, corpus_root):
         # the recipe's batch 16, as 8 x 2 accumulation (the same update; fits a 16 GB GPU)
         assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == 16
         assert (config.eval.generation_max_length, config.train.mixed_precision) == (225, "fp16")
+    elif preset in ("whisper-large-v3-turbo-hi", "whisper-medium-hi"):  # full fine-tuning on one 24 GB GPU
+        name = {"whisper-large-v3-turbo-hi": "openai/whisper-large-v3-turbo", "whisper-medium-hi": "openai/whisper-medium"}
+        assert config.model.name_or_path == name[preset] and config.model.gradient_checkpointing
+        assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == 16
+        assert (config.train.mixed_precision, config.eval.generation_max_length) == ("bf16", 225)
     elif preset == "quickstart":  # offline and on CPU
         assert config.model.name_or_path == "assets/tiny-whisper-hi" and config.train.mixed_precision == "no"
 
 
 def test_the_presets_are_there():
-    assert {"quickstart", "whisper-small-hi", "whisper-small-hi-fast"} <= set(list_presets())
+    assert {"quickstart", "whisper-small-hi", "whisper-small-hi-fast", "whisper-large-v3-turbo-hi",
+            "whisper-medium-hi"} <= set(list_presets())
 
 
 def test_the_recipe_preset_needs_a_data_path():

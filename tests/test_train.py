@@ -188,10 +188,12 @@ AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_proba
                      "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05")
 
 
-@pytest.mark.parametrize("extra", [(), AUGMENTED_DYNAMIC], ids=["plain", "augmented-dynamic-grouped"])
+@pytest.mark.parametrize(("fast_model", "extra"), [("v2", ()), ("v3", ()), ("v2", AUGMENTED_DYNAMIC)],
+                         ids=["plain", "plain-v3", "augmented-dynamic-grouped"], indirect=["fast_model"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
-    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
+    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches,
+    and on a v3-shaped model (128 mel bins, its own special ids)."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
               *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
