@@ -174,6 +174,10 @@ class TrainConfig:
     """Checkpoints kept (the best one is never deleted)."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs: two identical runs, and a run killed and resumed, give the same weights
+    (`torch.use_deterministic_algorithms`, and on CUDA `CUBLAS_WORKSPACE_CONFIG` and no cuDNN benchmark) on the
+    same machine with the same thread count. Costs DETERMINISM_COST (README "Reproducible runs")."""
     group_by_length: bool = False
     """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
     padding, and a short window for every row with `model.encoder_window: dynamic`."""

@@ -27,6 +27,7 @@ from loop.checkpointing import LoopState, latest_checkpoint, load_checkpoint, sa
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
+from loop.determinism import make_deterministic
 from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
@@ -87,6 +88,7 @@ def train(config: RunConfig) -> dict:
 
 
 def setup(config: RunConfig) -> Run:
+    deterministic = make_deterministic() if config.train.deterministic else ""  # before anything touches CUDA
     accelerator = build_accelerator(
         resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
@@ -94,6 +96,8 @@ def setup(config: RunConfig) -> Run:
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)
+    if deterministic:
+        accelerator.print(deterministic)
     for warning in config_warnings(config):
         accelerator.print(f"warning: {warning}")
     prepare_output_dir(config, accelerator)
