@@ -22,17 +22,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+import soundfile  # noqa: E402
 import torch  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
-import soundfile  # noqa: E402
-
 from loop.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
+from loop.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
 from loop.encoder_window import batch_features  # noqa: E402
 from loop.evaluation import transcribe  # noqa: E402
 from loop.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model import language_code, load_for_inference  # noqa: E402
-from loop.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
 
 DEFAULT_MAX_DURATION_S = 600.0  # longest recording or upload the demo transcribes
 DEFAULT_MAX_FILE_SIZE = "100mb"  # uploads larger than this are refused before they reach the model
@@ -103,7 +102,7 @@ class Transcriber:
             raise DemoInputError("No audio: record something with the microphone or upload a file first.")
         try:
             claimed = soundfile.info(str(path)).duration
-        except Exception:  # not a format libsndfile knows, or a broken header: decode_audio says which below
+        except RuntimeError:  # LibsndfileError: not a format it knows, or a broken header; decode_audio says which
             claimed = 0.0
         if claimed > self.max_duration_s:
             raise self.too_long(claimed)
@@ -128,7 +127,9 @@ class Transcriber:
             "(--max_duration_s). Cut it into shorter pieces."
         )
 
-    def handle(self, path: str | None, language: str, task: str, progress=gr.Progress()) -> tuple[str, float]:
+    # Gradio finds the progress bar by this default value, its documented idiom.
+    def handle(self, path: str | None, language: str, task: str,
+               progress=gr.Progress()) -> tuple[str, float]:  # noqa: B008
         """The Gradio event: the transcript and decode time, or the problem shown in the page (a WAV whose header
         claims more audio than the file holds is transcribed as far as it goes, with a warning)."""
         with self._counting:
