@@ -177,7 +177,8 @@ class TrainConfig:
     deterministic: bool = False
     """Bitwise-reproducible runs: two identical runs, and a run killed and resumed, give the same weights
     (`torch.use_deterministic_algorithms`, and on CUDA `CUBLAS_WORKSPACE_CONFIG` and no cuDNN benchmark) on the
-    same machine with the same thread count. Costs DETERMINISM_COST (README "Reproducible runs")."""
+    same machine with the same thread count. On CPU it cost nothing measurable (quickstart, 2 threads: -5%, within
+    the noise, `python -m benchmarks.determinism`); not measured on a GPU (README "Reproducible runs")."""
     group_by_length: bool = False
     """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
     padding, and a short window for every row with `model.encoder_window: dynamic`."""
