@@ -55,12 +55,12 @@ def differing(a: dict, b: dict) -> int:
 
 
 def train_in_process(tmp_path, fast_model, cache_dir, name: str, *extra) -> dict[str, torch.Tensor]:
-    config = run_config(tmp_path / name, fast_model, cache_dir, *SMALL, "--train.max_steps=3", "--train.save_steps=3",
-                        "--eval.eval_steps=3", *extra)
+    config = run_config(tmp_path / name, fast_model, cache_dir, *SMALL, "--train.max_steps=2", "--train.save_steps=2",
+                        "--eval.eval_steps=2", *extra)
     run = setup(config)
     assert fit(run) == ""
     reset_accelerate()
-    return weights(tmp_path / name, 3)
+    return weights(tmp_path / name, 2)
 
 
 @pytest.mark.usefixtures("threads_and_determinism_restored")
