@@ -208,6 +208,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """`adamw` (torch's fused AdamW) or `adamw_8bit` (bitsandbytes' AdamW8bit: moments in 8 bits, 6 bytes a
     parameter less; needs CUDA)."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs: two identical runs, and a run killed and resumed, give the same weights
+    (`torch.use_deterministic_algorithms`, and on CUDA `CUBLAS_WORKSPACE_CONFIG` and no cuDNN benchmark) on the
+    same machine with the same thread count. On CPU it cost nothing measurable (quickstart, 2 threads: -5%, within
+    the noise, `python -m benchmarks.determinism`); not measured on a GPU (README "Reproducible runs")."""
     group_by_length: bool = False
     """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
     padding, and a short window for every row with `model.encoder_window: dynamic`."""

@@ -28,6 +28,7 @@ from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
 from loop.disk_space import warn_if_short_of_space
+from loop.determinism import make_deterministic
 from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
@@ -95,6 +96,7 @@ def train(config: RunConfig) -> dict:
 
 
 def setup(config: RunConfig) -> Run:
+    deterministic = make_deterministic() if config.train.deterministic else ""  # before anything touches CUDA
     accelerator = build_accelerator(
         resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
@@ -102,6 +104,8 @@ def setup(config: RunConfig) -> Run:
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)
+    if deterministic:
+        accelerator.print(deterministic)
     for warning in config_warnings(config):
         accelerator.print(f"warning: {warning}")
     checkpoint = prepare_output_dir(config, accelerator)  # locks the folder; the verified checkpoint to resume

@@ -1,14 +1,15 @@
-"""A browser demo of a saved model: record or upload audio, read the transcript.
+"""A browser demo of a saved model: record, upload or click a clip, read the transcript.
 
     python scripts/demo.py --model runs/whisper-small-hi/best [--port 7860] [--host 127.0.0.1] [--share]
 
-Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for a public link.
+Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for a public link. Requests queue
+(--max_queue) and run one at a time; audio over the window is decoded with Whisper's sequential long-form decoding.
 """
 
 import argparse
 import sys
 
-from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, build_app, launch
+from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE, build_app, launch
 from loop.model import ModelLoadError
 
 
@@ -25,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder_window", default=None, choices=["full", "dynamic"],
                         help="decode at the full window or cut to the clip (default: the model's own, from config.json)")
     parser.add_argument("--max_file_size", default=DEFAULT_MAX_FILE_SIZE, help="largest upload, e.g. 100mb")
+    parser.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests that may wait at once (more are told the queue is full)")
+    parser.add_argument("--examples", default="", help="Common Voice folder whose test split gives clips to click "
+                        "(default: the synthetic corpus in assets/; 'none': no clips)")
     args = parser.parse_args(argv)
     try:
-        app = build_app(args.model, max_duration_s=args.max_duration_s, encoder_window=args.encoder_window)
+        app = build_app(args.model, max_duration_s=args.max_duration_s, encoder_window=args.encoder_window,
+                        examples=None if args.examples == "none" else args.examples, max_queue=args.max_queue)
     except ModelLoadError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

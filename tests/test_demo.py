@@ -1,10 +1,13 @@
 """The Gradio demo, served in-process and called with gradio_client: the transcript of a shipped clip equals
-`transcribe()`'s, bad input gives a clear message, and audio longer than the window goes through long-form."""
+`transcribe()`'s, bad input gives a clear message, audio longer than the window goes through long-form with a
+progress bar, the page offers shipped clips and names the model by its card. Load and lying uploads:
+tests/test_demo_load.py."""
 
 from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +132,54 @@ def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, cli
     assert (transcriber.language, transcriber.task) == ("hi", "transcribe")  # the saved settings are restored
     with pytest.raises(DemoInputError, match="No audio"):
         transcriber.transcribe_file("", None, None)
+
+
+def test_long_form_reports_progress(decoding_checkpoint, long_clip):
+    """gr.Progress gets the share of the recording decoded before each window: from 0, rising, below 1."""
+    from loop.demo import Transcriber
+
+    transcriber = Transcriber(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
+    shares = []
+    transcriber.transcribe_file(long_clip, progress=shares.append)
+    assert len(shares) >= 3 and shares[0] == 0 and shares == sorted(shares) and shares[-1] < 1
+    transcriber.transcribe_file(str(long_clip), progress=None)  # no progress bar: nothing to call
+
+
+def test_the_model_is_named_by_its_card(tmp_path, decoding_checkpoint):
+    from loop.config import RunConfig
+    from loop.demo_sources import card_name
+    from loop.model_card import render_model_card
+
+    best = tmp_path / "runs" / "my-run" / "best"
+    best.mkdir(parents=True)
+    assert card_name(best) == "my-run"  # no card: the run's folder
+    config = RunConfig(output_dir=str(tmp_path / "runs" / "my-run"))
+    (best / "README.md").write_text(render_model_card({}, config), encoding="utf-8")
+    assert card_name(best) == "my-run"  # the card's model-index name
+    config.output_dir = str(tmp_path / "elsewhere")
+    config.train.hub_model_id = "someone/whisper-small-hi"
+    (best / "README.md").write_text(render_model_card({}, config), encoding="utf-8")
+    assert card_name(best) == "someone/whisper-small-hi"  # the repository the card's snippet loads
+    assert card_name("openai/whisper-small") == "openai/whisper-small"
+    assert card_name(decoding_checkpoint) == decoding_checkpoint.name
+
+
+def test_the_page_offers_shipped_clips_names_the_model_and_says_how_it_decodes(decoding_checkpoint, corpus_dir):
+    from loop.demo import LONG_FORM, build_app
+    from loop.demo_sources import example_clips
+    from tests.helpers import corpus_rows
+
+    clips = example_clips()
+    test_rows = corpus_rows("test")[:5]
+    assert clips == [(row["audio_path"], row["text"]) for row in test_rows]
+    assert all(str(corpus_dir) in path for path, _ in clips)  # files in the repository, not generated ones
+    assert example_clips(corpus_dir / "no-such-folder") == []
+    app = build_app(decoding_checkpoint, examples="")
+    assert app.title == f"whisper-loop: {decoding_checkpoint.name}"
+    (dataset,) = [c for c in app.config["components"] if c["type"] == "dataset"]
+    assert [sample[0] for sample in dataset["props"]["samples"]] == [Path(p).name for p, _ in clips]
+    assert dataset["props"]["sample_labels"] == [text for _, text in clips]
+    markdown = next(c for c in app.config["components"] if c["type"] == "markdown")["props"]["value"]
+    assert LONG_FORM in markdown and "sequential long-form decoding" in markdown
+    assert not [c for c in build_app(decoding_checkpoint, examples=None).config["components"]
+                if c["type"] == "dataset"]
