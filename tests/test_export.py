@@ -270,3 +270,16 @@ def test_a_full_disk_is_one_line_naming_the_folder(model_dir, tmp_path):
     assert line.startswith(f"error: could not write the export to {output}: File too large (")
     assert "GiB free on its filesystem" in line
     assert not output.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_model_card_tells_how_to_export(model_dir, tmp_path):
+    """A model faster-whisper can run gets the export command and the faster-whisper snippet on its card."""
+    from loop.model_card import write_model_card
+
+    best = shutil.copytree(model_dir, tmp_path / "run" / "best")
+    config = load_config("quickstart", ["--train.hub_model_id=me/whisper-hi"], str(tmp_path / "run"))
+    text = write_model_card(best, {"test_wer": 50.0}, config).read_text(encoding="utf-8")
+    section = text.split("## Run it in faster-whisper")[1]
+    assert "hf download me/whisper-hi --local-dir whisper-hi" in section
+    assert "python scripts/export.py --model whisper-hi --quantization int8 --output_dir whisper-hi-ct2-int8" in section
+    assert 'WhisperModel("whisper-hi-ct2-int8")' in section and "soxr.resample" in section
