@@ -15,10 +15,11 @@ them, as a Hub checkpoint's does, else the converter's default, the decoder's la
 
 Refused before converting, because faster-whisper would then decode differently from the model (each named in
 the error): a window other than Whisper's 30 s (faster-whisper 1.2 pads every window to 3000 frames), a decoder
-of fewer than Whisper's 448 positions (faster-whisper decodes up to 448 tokens), and a multilingual model whose vocabulary lacks the empty-string token of Whisper's multilingual vocabulary (id 50256),
-by which CTranslate2 4.8 tells multilingual models from English-only ones: without it faster-whisper drops the
-language and task tokens. All three hold for every Whisper checkpoint on the Hub and what is fine-tuned from one;
-the quickstart's tiny model has none of them, so it does not export.
+of fewer than Whisper's 448 positions (faster-whisper decodes up to 448 tokens), and a multilingual model whose
+vocabulary lacks the empty-string token of Whisper's multilingual vocabulary (id 50256), by which CTranslate2 4.8
+tells multilingual models from English-only ones: without it faster-whisper drops the language and task tokens.
+All three hold for every Whisper checkpoint on the Hub and what is fine-tuned from one; the quickstart's tiny model
+has none of them, so it does not export.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def read_source_model(folder: str | Path) -> SourceModel:
     try:
         generation = GenerationConfig.from_pretrained(folder)
         # With the label prefix the model decodes with, so the parity check prepares rows as evaluation does.
-        processor = load_processor(str(folder), getattr(generation, "language", None), getattr(generation, "task", None))
+        language, task = getattr(generation, "language", None), getattr(generation, "task", None)
+        processor = load_processor(str(folder), language, task)
     except (OSError, ValueError, ModelLoadError) as error:
         raise ExportError(f"--model {folder}: cannot load its generation config or processor: {error}") from error
     return SourceModel(folder, config, generation, processor)

@@ -25,6 +25,7 @@ some argmax decisions, so transcripts differ while WER barely moves).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,7 +86,8 @@ class ParitySettings:
 def read_clips(config: RunConfig, processor, max_label_length: int, count: int) -> list[Clip]:
     """The first `count` usable utterances of `config.data.eval_split`, prepared as `scripts/evaluate.py` prepares
     them (decoded, resampled, checked, cached as int16), as float waveforms. No usable utterance is a DataError."""
-    config.data.max_eval_samples = min(count, config.data.max_eval_samples or count)
+    data = dataclasses.replace(config.data, max_eval_samples=min(count, config.data.max_eval_samples or count))
+    config = dataclasses.replace(config, data=data)  # the caller's config keeps its own limit
     table, report = build_eval_split(config, processor, max_label_length)
     if len(table) == 0:
         where = config.data.path or config.data.dataset_name

@@ -1,6 +1,7 @@
 """Export a saved model to CTranslate2 for faster-whisper, then check that the export transcribes as the model does:
 
-    python scripts/export.py --model runs/whisper-small-hi/best --quantization int8 --output_dir runs/whisper-small-hi/ct2-int8
+    python scripts/export.py --model runs/whisper-small-hi/best --quantization int8 \\
+        --output_dir runs/whisper-small-hi/ct2-int8
 
 The folder loads with `faster_whisper.WhisperModel(DIR)` (tokenizer, mel bins, suppress tokens and alignment heads
 included). The parity check then transcribes --parity_clips clips of a split (--data.* options, default the shipped
