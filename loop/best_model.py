@@ -1,6 +1,7 @@
 """`<output_dir>/best/`: the best model so far as an ordinary `save_pretrained` folder (weights, generation
-config, processor) that `from_pretrained`, `scripts/evaluate.py`, the demo and the Hub read as they are; a LoRA
-run's adapters merged into it, and the adapter alone in `best/adapter/`."""
+config, processor, and the feature extractor's preprocessor_config.json as well) that `from_pretrained`,
+`scripts/evaluate.py`, the demo, the Hub and CTranslate2's converter read as they are; a LoRA run's adapters
+merged into it, and the adapter alone in `best/adapter/`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
                 finally:
                     unwrapped.config.use_cache = False
             processor.save_pretrained(staging)
+            # transformers 5 keeps the feature extractor in processor_config.json; ct2-transformers-converter's
+            # --copy_files and faster-whisper look for preprocessor_config.json (faster-whisper takes the mel bins
+            # from it and assumes 80 without it), so the folder carries that file too.
+            processor.feature_extractor.save_pretrained(staging)
             write_json_atomic(staging / CHECKSUMS_FILE, file_checksums(staging))
             replace_dir(staging, best)
     accelerator.wait_for_everyone()

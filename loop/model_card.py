@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from loop.config import HUB_ID, RunConfig, resolve_path
+from loop.export import ExportError, faster_whisper_problems, faster_whisper_snippet, read_source_model
 from loop.files import write_text_atomic
 from loop.model import language_code, language_name
 
@@ -150,21 +151,29 @@ def results_lines(results: dict, config: RunConfig) -> list[str]:
 
 
 def usage_lines(repo_or_path: str, config: RunConfig) -> list[str]:
+    """The card's "How to use": the transformers pipeline on 16-kHz audio. The pipeline resamples other rates
+    only with torchaudio, which whisper-loop does not install, so the snippet resamples with soxr first, as the
+    loop does (tests/test_model_card.py runs it as written)."""
     language = language_name(config.model.language)
     return [
         "```python",
         "import soundfile",
+        "import soxr",
         "from transformers import pipeline",
         "",
         f'asr = pipeline("automatic-speech-recognition", model="{repo_or_path}")',
         'audio, rate = soundfile.read("clip.mp3", dtype="float32")  # soundfile reads MP3 without FFmpeg',
-        f'result = asr({{"raw": audio, "sampling_rate": rate}}, generate_kwargs={{"language": "{language}", '
+        "if audio.ndim == 2:  # stereo: average the channels",
+        "    audio = audio.mean(axis=1)",
+        "audio = soxr.resample(audio, rate, 16000)  # Whisper hears 16 kHz; the pipeline would need torchaudio",
+        f'result = asr({{"raw": audio, "sampling_rate": 16000}}, generate_kwargs={{"language": "{language}", '
         f'"task": "{config.model.task}"}})',
-        'print(result["text"])',
+        'print(result["text"].strip())',
         "```",
         "",
-        "Evaluate it on a Common Voice split with whisper-loop's `scripts/evaluate.py` (metrics, per-utterance "
-        "predictions and an error report; point `--data.path` at your extracted release):",
+        "`pip install transformers torch soundfile soxr` is all it needs. Evaluate it on a Common Voice split with "
+        "whisper-loop's `scripts/evaluate.py` (metrics, per-utterance predictions and an error report; point "
+        "`--data.path` at your extracted release):",
         "",
         "```bash",
         f"python scripts/evaluate.py --model {repo_or_path} --data.path /data/cv-corpus-17.0-2024-03-15 "
@@ -173,10 +182,30 @@ def usage_lines(repo_or_path: str, config: RunConfig) -> list[str]:
     ]
 
 
-def render_model_card(results: dict, config: RunConfig) -> str:
+def faster_whisper_lines(repo_or_path: str, config: RunConfig, from_hub: bool) -> list[str]:
+    """How to run the model in faster-whisper: export it with whisper-loop's `scripts/export.py` (CTranslate2's
+    converter plus a parity check), then load the folder."""
+    folder = f"{model_name(config)}-ct2-int8"
+    source = repo_or_path
+    lines = ["```bash"]
+    if from_hub:  # the export reads a local folder
+        source = model_name(config)
+        lines.append(f"hf download {repo_or_path} --local-dir {source}")
+    lines += [f"python scripts/export.py --model {source} --quantization int8 --output_dir {folder}", "```", "",
+              f"The export writes `{folder}/parity.json`: the same clips transcribed by this model and by the export, "
+              "and fails when they disagree more than quantization explains. Then:", ""]
+    return lines + faster_whisper_snippet(folder, language_code(config.model.language), config.model.task,
+                                          config.eval.generation_num_beams)
+
+
+def render_model_card(results: dict, config: RunConfig, export_problems: list[str] | None = None) -> str:
+    """The card's text. `export_problems` (`loop.export.faster_whisper_problems` of the model) replace the
+    faster-whisper section's commands by the reasons the model does not export."""
     front_matter = yaml.safe_dump(metadata(results, config), sort_keys=False, allow_unicode=True)
-    name = model_name(config)
+    from_hub = bool(config.train.hub_model_id)  # push_to_hub requires it (config_loading.validate)
     repo_or_path = config.train.hub_model_id or str(Path(config.output_dir) / "best")
+    # The title is the name users load the model by: the Hub repository, else the run's folder.
+    name = config.train.hub_model_id or model_name(config)
     start = base_model(config) or f"The local checkpoint `{Path(config.model.name_or_path).name}`"
     lines = [
         "---", front_matter.rstrip(), "---", "",
@@ -188,6 +217,9 @@ def render_model_card(results: dict, config: RunConfig) -> str:
         "## Results", "", *results_lines(results, config), "",
         "## Training hyperparameters", "", *hyperparameter_lines(results, config), "",
         "## How to use", "", *usage_lines(repo_or_path, config), "",
+        "## Run it in faster-whisper", "",
+        *(faster_whisper_lines(repo_or_path, config, from_hub) if not export_problems else
+          [f"This model does not run in faster-whisper as it is: {'; '.join(export_problems)}."]), "",
     ]
     versions = results.get("versions") or {}
     if versions:
@@ -198,8 +230,16 @@ def render_model_card(results: dict, config: RunConfig) -> str:
 def write_model_card(best_dir: str | Path, results: dict, config: RunConfig) -> Path:
     """Writes `<best_dir>/README.md`; returns its path."""
     path = Path(best_dir) / "README.md"
-    write_text_atomic(path, render_model_card(results, config))
+    write_text_atomic(path, render_model_card(results, config, export_problems(best_dir)))
     return path
+
+
+def export_problems(best_dir: str | Path) -> list[str]:
+    """Why `scripts/export.py` would refuse the model in `best_dir` (its window, its vocabulary); empty if none."""
+    try:
+        return faster_whisper_problems(read_source_model(best_dir))
+    except ExportError as error:
+        return [str(error)]
 
 
 def upload_files(best_dir: str | Path) -> list[str]:

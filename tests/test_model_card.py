@@ -3,14 +3,19 @@ HfApi is replaced by a recorder, and without it HF_HUB_OFFLINE gives a clear err
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
 import yaml
 
+from loop.audio import decode_audio
 from loop.config_loading import load_config
 from loop.model_card import dataset_id, push_to_hub, write_model_card
+from tests.helpers import child_env, corpus_rows
 
 RESULTS = {  # what loop.train.finish() writes to results.json
     "initial_wer": 187.5, "best_wer": 35.123, "best_step": 3000, "final_wer": 35.9, "test_wer": 32.0456,
@@ -63,6 +68,7 @@ def test_card_has_hub_metadata_results_and_hyperparameters(best_dir, recipe_conf
     assert "| learning_rate | 1e-05 |" in text and "| effective batch size | 16 |" in text
     assert "| warmup_steps | 500 |" in text and "| max_steps | 4000 |" in text and "| mixed_precision | fp16 |" in text
     assert "| seed | 42 |" in text and "| gradient_accumulation_steps | 2 |" in text
+    assert "\n# me/whisper-small-hi\n" in text  # the title is the repository users load
     assert 'pipeline("automatic-speech-recognition", model="me/whisper-small-hi")' in text
     assert "scripts/evaluate.py --model me/whisper-small-hi" in text
     assert "never used for selection" in text and "also used for model selection" not in text
@@ -75,6 +81,55 @@ def test_card_says_when_the_test_split_chose_the_model(best_dir, recipe_config):
     text = write_model_card(best_dir, results, recipe_config).read_text(encoding="utf-8")
     assert "**Note: the test split was also used for model selection**" in text
     assert "not a held-out estimate" in text
+
+
+def how_to_use_snippet(card: str) -> str:
+    return re.search(r"## How to use\n\n```python\n(.*?)```", card, re.DOTALL).group(1)
+
+
+def test_card_snippet_runs_as_written(best_dir, tmp_path):
+    """The card's "How to use", run as a user would (a fresh interpreter, offline, their own MP3): soundfile and
+    soxr give the pipeline 16-kHz audio, and its transcript is `loop.evaluation.transcribe`'s for that clip."""
+    import torch
+
+    from loop.evaluation import transcribe
+    from loop.features import log_mel_features
+    from loop.model import load_for_inference
+
+    config = load_config("quickstart", [], str(best_dir.parent))  # the card names best_dir, absolute
+    snippet = how_to_use_snippet(write_model_card(best_dir, RESULTS, config).read_text(encoding="utf-8"))
+    assert f'model="{best_dir}"' in snippet and "soxr.resample(audio, rate, 16000)" in snippet
+    clip = corpus_rows("test")[0]["audio_path"]  # a 48-kHz MP3, as Common Voice ships them
+    script = tmp_path / "how_to_use.py"
+    script.write_text(snippet.replace("clip.mp3", clip), encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         env=child_env(HF_HUB_OFFLINE="1"), check=False)
+    assert run.returncode == 0, run.stderr
+    model, processor = load_for_inference(str(best_dir))
+    features = log_mel_features([decode_audio(clip)], processor.feature_extractor)
+    (expected,) = transcribe(model, torch.from_numpy(features), processor.tokenizer)
+    assert expected and run.stdout.splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("options", [["--train.hub_model_id=me/whisper-hi"],
+                                     ["--train.push_to_hub=true", "--train.hub_model_id=me/whisper-hi"]])
+def test_card_names_the_hub_repository(best_dir, tmp_path, options):
+    config = load_config("quickstart", options, str(tmp_path / "quickstart"))
+    text = write_model_card(best_dir, RESULTS, config).read_text(encoding="utf-8")
+    assert "\n# me/whisper-hi\n" in text
+    assert 'pipeline("automatic-speech-recognition", model="me/whisper-hi")' in how_to_use_snippet(text)
+    assert str(tmp_path) not in text
+
+
+def test_card_names_the_local_folder_without_a_repository(best_dir, tmp_path):
+    config = load_config("quickstart", [], str(tmp_path / "quickstart"))
+    text = write_model_card(best_dir, RESULTS, config).read_text(encoding="utf-8")
+    assert "\n# quickstart\n" in text
+    snippet = how_to_use_snippet(text)
+    assert f'model="{tmp_path / "quickstart" / "best"}"' in snippet and "me/" not in text
+    # The 5-s-window test model cannot run in faster-whisper: the card says why instead of giving commands.
+    assert "This model does not run in faster-whisper as it is: its window is 5 s" in text
+    assert "scripts/export.py" not in text
 
 
 def test_card_of_a_local_run(best_dir, tmp_path):
