@@ -145,7 +145,7 @@ def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataL
     eval_batch = config.eval.per_device_eval_batch_size
     return (
         train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers,
-                         group_by_length=config.train.group_by_length),
+                         group_by_length=config.train.group_by_length, parts=data.train_parts),
         eval_dataloader(data.selection, eval_batch, start, workers),
         eval_dataloader(data.test, eval_batch, start, workers),
     )
