@@ -159,3 +159,16 @@ def add_no_speech_rows(train: datasets.Dataset, fraction: float, noise_dir: str,
     rows = no_speech_rows(count, train["duration"], seed, tokenizer, noise_dir, cache_dir)
     report.no_speech = count
     return datasets.concatenate_datasets([train, rows])
+
+
+def allow_empty_transcripts(generation_config) -> bool:
+    """Lets generation end at once, after the forced prefix, so that a model taught by no-speech rows can give
+    the empty transcript they teach. Whisper's generation config lists `<|endoftext|>` in `begin_suppress_tokens`
+    (openai/whisper's `SuppressBlank` does the same): with it, the first generated token can never be the end, and
+    even a model sure that nothing was said must say something. Saved with the model (`best/`), so evaluation and
+    the demo decode alike. Returns whether the list changed."""
+    suppressed = list(getattr(generation_config, "begin_suppress_tokens", None) or [])
+    end = generation_config.eos_token_id
+    kept = [token for token in suppressed if token != end]
+    generation_config.begin_suppress_tokens = kept or None
+    return kept != suppressed

@@ -35,6 +35,7 @@ from loop.loaders import eval_dataloader, train_dataloader
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
+from loop.no_speech import allow_empty_transcripts
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
@@ -98,6 +99,8 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(f"warning: {warning}")
     prepare_output_dir(config, accelerator)
     model, processor = load_model(config.model, config.eval)
+    if config.data.no_speech_fraction > 0:  # the empty transcript these rows teach must be one generation can give
+        allow_empty_transcripts(model.generation_config)
     augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
     accelerator.print(augmenter.describe())
     with accelerator.main_process_first():  # the main process fills the data cache, the others read it

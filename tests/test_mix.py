@@ -34,8 +34,8 @@ def test_mix_from_yaml_and_from_the_command_line(tmp_path):
     assert from_yaml.data.mix == [
         MixSource(name="en", weight=0.2, path=str(CORPUS), language="en", train_splits=["dev"]),
         MixSource(name="ta", weight=0.1, path=str(CORPUS), language="tamil", max_samples=5)]
-    flow = "[{name: en, weight: 0.2, path: %s, language: en, train_splits: [dev]}, {name: ta, weight: 0.1, path: %s, " \
-           "language: tamil, max_samples: 5}]" % (CORPUS, CORPUS)
+    flow = (f"[{{name: en, weight: 0.2, path: {CORPUS}, language: en, train_splits: [dev]}}, "
+            f"{{name: ta, weight: 0.1, path: {CORPUS}, language: tamil, max_samples: 5}}]")
     assert load_config("quickstart", [f"--data.mix={flow}"]).data.mix == from_yaml.data.mix
     assert from_dict(to_dict(from_yaml)).data.mix == from_yaml.data.mix  # a saved config.json reads back
     assert load_config("quickstart", ["--data.mix=[]"]).data.mix == []
@@ -44,15 +44,14 @@ def test_mix_from_yaml_and_from_the_command_line(tmp_path):
 def test_mix_problems_are_all_reported(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config("quickstart", [
-            "--data.mix=[{name: en, weight: 0.6, path: %s, langauge: en}, {name: en, weight: 0.5, path: %s, "
-            "language: klingon}, {weight: 0, source: hub}, {name: x, weight: lots}]" % (CORPUS, tmp_path / "none")])
+            f"--data.mix=[{{name: en, weight: 0.6, path: {CORPUS}, langauge: en}}, {{name: x, weight: lots}}]"])
     problems = "\n".join(error.value.problems)
     assert "data.mix[0].langauge is not a field of MixSource (did you mean language?)" in problems
-    assert "data.mix[3].weight: expected a number, got 'lots'" in problems
+    assert "data.mix[1].weight: expected a number, got 'lots'" in problems
+    mix = (f"[{{name: en, weight: 0.6, path: {CORPUS}}}, {{name: en, weight: 0.5, path: {tmp_path / 'none'}, "
+           "language: klingon}, {weight: 0, source: hub}]")
     with pytest.raises(ConfigError) as error:
-        load_config("quickstart", [
-            "--data.mix=[{name: en, weight: 0.6, path: %s}, {name: en, weight: 0.5, path: %s, "
-            "language: klingon}, {weight: 0, source: hub}]" % (CORPUS, tmp_path / "none")])
+        load_config("quickstart", [f"--data.mix={mix}"])
     problems = "\n".join(error.value.problems)
     for expected in ("data.mix[1] (en).name 'en' is used by more than one data.mix entry",
                      f"data.mix[1] (en).path '{tmp_path / 'none'}' does not exist",
