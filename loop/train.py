@@ -136,6 +136,8 @@ def setup(config: RunConfig) -> Run:
     if accelerator.is_main_process:
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
         accelerator.print(data.reports["train"].summary())
+        for part in data.train_parts[1:]:  # the data.mix sources, each with its own report
+            accelerator.print(data.reports[part.name].summary() + f"  [{part.share:.0%} of each epoch's rows]")
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
