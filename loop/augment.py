@@ -78,21 +78,21 @@ def resample(audio: Tensor, orig: int, new: int, kernel: Tensor | None = None) -
     return out[:, : -(-audio.shape[1] * new // orig)]
 
 
-def load_noise_clips(folder: str, sampling_rate: int = SAMPLE_RATE) -> list[Tensor]:
+def load_noise_clips(folder: str, sampling_rate: int = SAMPLE_RATE, option: str = "augment.noise_dir") -> list[Tensor]:
     """Every audio file below `folder`, in path order, as float32 mono at `sampling_rate`; a missing or empty
-    folder, or a clip that cannot be decoded, is a ConfigError naming it."""
+    folder, or a clip that cannot be decoded, is a ConfigError naming it (as the `option` that gave it)."""
     root = resolve_path(folder)
     if not root.is_dir():
-        raise ConfigError([f"augment.noise_dir {folder!r} is not a folder"])
+        raise ConfigError([f"{option} {folder!r} is not a folder"])
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in NOISE_SUFFIXES and p.is_file())
     if not files:
-        raise ConfigError([f"augment.noise_dir {folder!r} holds no audio files ({', '.join(NOISE_SUFFIXES)})"])
+        raise ConfigError([f"{option} {folder!r} holds no audio files ({', '.join(NOISE_SUFFIXES)})"])
     clips = []
     for path in files:
         try:
             clips.append(torch.from_numpy(decode_audio(path, sampling_rate)))
         except AudioError as error:
-            raise ConfigError([f"augment.noise_dir {folder!r}: {error}"]) from error
+            raise ConfigError([f"{option} {folder!r}: {error}"]) from error
     return clips
 
 

@@ -81,6 +81,41 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MixSource:
+    """One more source of training rows for `data.mix`: read like the data source (same fields), labelled with its
+    own language, and drawn at its own share of every epoch (`loop.mixing`)."""
+
+    name: str = ""
+    """Short name, unique within `data.mix`: the source's key in data_report.json (`train.<name>`) and its cache."""
+    weight: Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)] = 0.1
+    """Share of each epoch's training rows drawn from this source; the data source fills the rest (1 - the sum of
+    the weights, which must stay above 0)."""
+    source: Literal["common_voice", "hub", "manifest"] = "common_voice"
+    """`common_voice`, `hub` or `manifest`, as `data.source`."""
+    path: str = ""
+    """Common Voice or manifest folder, as `data.path`."""
+    locale: str = ""
+    """Common Voice locale folder when `path` holds several (empty: the language's code)."""
+    dataset_name: str = ""
+    """Hub dataset id for `source: hub`."""
+    dataset_config: str = ""
+    """Hub dataset configuration."""
+    dataset_revision: str = ""
+    """Hub dataset revision; empty for the default branch."""
+    train_splits: list[str] = field(default_factory=lambda: ["train", "dev"])
+    """Splits whose rows this source contributes (all of them train: no selection slice is cut from them)."""
+    language: str = ""
+    """Language of this source's transcripts (a Whisper language name or code): its rows' label prefix carries this
+    language's token (empty: `model.language`)."""
+    max_samples: NotNegative = 0
+    """Use at most this many of this source's utterances (0: all)."""
+    audio_column: str = "audio"
+    """Audio column for hub and manifest sources."""
+    text_column: str = "sentence"
+    """Transcript column for hub and manifest sources."""
+
+
+@dataclass
 class DataConfig:
     source: Literal["common_voice", "hub", "manifest"] = "common_voice"
     """Where utterances come from: `common_voice` (an extracted release folder), `hub` (a Hugging Face dataset) or
@@ -131,6 +166,16 @@ class DataConfig:
     reuses them."""
     strict: bool = False
     """Stop at the first bad row instead of skipping and counting it."""
+    no_speech_fraction: Annotated[float, Range(low=0, high=1, high_open=True)] = 0.0
+    """Share of the data source's training rows that are silence or noise with an empty transcript (the label
+    prefix, then `<|endoftext|>`), teaching the model to say nothing when nothing is said (`loop.no_speech`;
+    0: none). Seeded by `train.seed`, lengths drawn from the training rows'."""
+    no_speech_dir: str = ""
+    """Folder of noise clips (searched recursively) for the no-speech rows, each row an excerpt of random length;
+    empty: generated digital silence and quiet white or pink noise."""
+    mix: list[MixSource] = field(default_factory=list)
+    """More sources of training rows, each with its share of every epoch (YAML: a list of mappings with the
+    `MixSource` fields; command line: a YAML flow list, `--data.mix='[{name: en, weight: 0.2, path: ...}]'`)."""
 
 
 @dataclass

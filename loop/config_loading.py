@@ -8,6 +8,7 @@ that depend on each other (`validate`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import types
 import typing
@@ -63,6 +64,8 @@ def _coerce(value, kind, where: str, problems: list[str]):
                 return coerced
         problems.append(f"{where}: got {value!r}")
         return None
+    if typing.get_origin(kind) is list and dataclasses.is_dataclass((typing.get_args(kind) or (str,))[0]):
+        return _coerce_entries(value, typing.get_args(kind)[0], where, problems)
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -91,6 +94,36 @@ def _coerce(value, kind, where: str, problems: list[str]):
             return None
         return number
     return "" if value is None else str(value)
+
+
+def _coerce_entries(values, kind, where: str, problems: list[str]):
+    """A list of `kind` dataclasses from YAML's list of mappings, or from the command line's YAML flow list
+    (`[{name: en, weight: 0.2}]`); each entry's keys are checked and coerced like a section's."""
+    if isinstance(values, str):
+        try:
+            values = yaml.safe_load(values) if values.strip() else []
+        except yaml.YAMLError as error:
+            problems.append(f"{where}: not a YAML list of mappings ({' '.join(str(error).split())})")
+            return None
+    if values is None:
+        return []
+    if not isinstance(values, list) or not all(isinstance(entry, dict) for entry in values):
+        problems.append(f"{where}: expected a list of mappings such as [{{name: en, weight: 0.2}}], got {values!r}")
+        return None
+    types_, entries, count = field_types(kind), [], len(problems)
+    for index, entry in enumerate(values):
+        coerced = {}
+        for key, value in entry.items():
+            if key not in types_:
+                hint = difflib.get_close_matches(str(key), list(types_), n=1)
+                problems.append(f"{where}[{index}].{key} is not a field of {kind.__name__}"
+                                + (f" (did you mean {hint[0]}?)" if hint else f" (fields: {', '.join(types_)})"))
+                continue
+            item = _coerce(value, types_[key], f"{where}[{index}].{key}", problems)
+            if item is not None:
+                coerced[key] = item
+        entries.append(kind(**coerced))
+    return None if len(problems) > count else entries
 
 
 def _apply(config: RunConfig, values: dict, origin: str, problems: list[str]) -> None:
@@ -161,10 +194,14 @@ def parse_overrides(args: list[str]) -> tuple[dict, list[str]]:
 
 def field_problems(config: RunConfig, section: str) -> list[str]:
     """What each field of `section` says on its own in its type: a `Literal`'s choices, a `Range`'s bounds."""
+    return dataclass_problems(getattr(config, section), section)
+
+
+def dataclass_problems(values, prefix: str) -> list[str]:
+    """`field_problems` for any config dataclass (a section, an entry of `data.mix`), options named `prefix.field`."""
     problems = []
-    values = getattr(config, section)
-    for name, kind in field_types(SECTIONS[section]).items():
-        value, option = getattr(values, name), f"{section}.{name}"
+    for name, kind in field_types(type(values)).items():
+        value, option = getattr(values, name), f"{prefix}.{name}"
         extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is Annotated else ()
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
         if choices and value not in choices:
@@ -198,6 +235,7 @@ def validate(config: RunConfig) -> list[str]:
     if d.min_chars_per_second >= d.max_chars_per_second:
         problems.append(f"data.min_chars_per_second ({d.min_chars_per_second:g}) must be 0 (off) or more and below "
                         f"data.max_chars_per_second ({d.max_chars_per_second:g})")
+    problems += data_mix_problems(config)
     problems += field_problems(config, "model")
     language = m.language.lower()
     if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
@@ -211,6 +249,42 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
     problems += lora_problems(config)
     return problems + field_problems(config, "eval") + _augment_problems(config)
+
+
+def data_mix_problems(config: RunConfig) -> list[str]:
+    """`data.no_speech_dir` and each `data.mix` entry: its fields, a unique name, its place or dataset, a Whisper
+    language, and room left for the data source (the weights sum below 1)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    d = config.data
+    problems = []
+    if d.no_speech_dir and not resolve_path(d.no_speech_dir).is_dir():
+        problems.append(f"data.no_speech_dir {d.no_speech_dir!r} is not a folder")
+    names = [entry.name for entry in d.mix]
+    for index, entry in enumerate(d.mix):
+        where = f"data.mix[{index}]" + (f" ({entry.name})" if entry.name else "")
+        problems += dataclass_problems(entry, where)
+        if not entry.name or not all(c.isalnum() or c in "-_" for c in entry.name):
+            problems.append(f"{where}.name must be a short name of letters, digits, - or _ (e.g. en), got {entry.name!r}")
+        elif names.count(entry.name) > 1:
+            problems.append(f"{where}.name {entry.name!r} is used by more than one data.mix entry")
+        if entry.source in ("common_voice", "manifest"):
+            if not entry.path:
+                problems.append(f"{where}.path is required for source={entry.source}")
+            elif not resolve_path(entry.path).exists():
+                problems.append(f"{where}.path {entry.path!r} does not exist")
+        if entry.source == "hub" and not entry.dataset_name:
+            problems.append(f"{where}.dataset_name is required for source=hub")
+        if not entry.train_splits:
+            problems.append(f"{where}.train_splits must name at least one split")
+        language = entry.language.lower()
+        if language and language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
+            problems.append(f"{where}.language {entry.language!r} is not a Whisper language")
+    total = sum(entry.weight for entry in d.mix)
+    if d.mix and total >= 1:
+        problems.append(f"data.mix weights sum to {total:g}: they are shares of each epoch's rows, and the data "
+                        "source needs the rest; keep their sum below 1")
+    return problems
 
 
 def _augment_problems(config: RunConfig) -> list[str]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
 from loop.config import DataConfig, RunConfig
 from loop.files import write_json_atomic
+from loop.mixing import TrainPart, mix_report, mix_training_rows
+from loop.no_speech import add_no_speech_rows
 from loop.prepare import SplitReport, prepare
 from loop.sources import DataError, SkipLog, load_utterances, split_location
 
@@ -54,9 +56,12 @@ class PreparedData:
     test: datasets.Dataset
     selection_split: str
     reports: dict[str, SplitReport]
+    train_parts: list[TrainPart] = field(default_factory=list)
+    """The sources lying end to end in `train` and their shares of an epoch (`data.mix`); empty when not prepared."""
 
     def report_dict(self) -> dict:
-        return {name: report.as_dict() for name, report in self.reports.items()}
+        mixed = {"mix": mix_report(self.train_parts)} if len(self.train_parts) > 1 else {}
+        return {**{name: report.as_dict() for name, report in self.reports.items()}, **mixed}
 
     def write_report(self, output_dir: str | Path) -> Path:
         """`<output_dir>/data_report.json`: rows read, kept and skipped by reason, per split."""
@@ -126,7 +131,12 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
         test = prepare(test_rows, fe, tok, reports["test"], keep_implausible=True, **common)
     if prepare_train and len(train) == 0:
         raise DataError(f"no usable training utterances ({reports['train'].summary()})")
-    return PreparedData(train, selection, test, selection_split, reports)
+    parts = []
+    if prepare_train:  # no-speech rows join the data source's rows; mixed sources come after them
+        train = add_no_speech_rows(train, data.no_speech_fraction, data.no_speech_dir, config.train.seed, tok,
+                                   reports["train"], data.cache_dir)
+        train, parts = mix_training_rows(config, processor, train, reports, common)
+    return PreparedData(train, selection, test, selection_split, reports, parts)
 
 
 def build_eval_split(config: RunConfig, processor, max_label_length: int, split: str | None = None) -> tuple[datasets.Dataset, SplitReport]:

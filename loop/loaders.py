@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loop.collator import SpeechSeq2SeqCollator
-from loop.samplers import LengthGroupedSampler
+from loop.samplers import LengthGroupedSampler, MixedSampler
 
 
 class Rows(torch.utils.data.Dataset):
@@ -65,11 +65,16 @@ def _common(decoder_start_token_id: int, num_workers: int) -> dict:
 
 
 def train_dataloader(table: datasets.Dataset, batch_size: int, seed: int, decoder_start_token_id: int,
-                     num_workers: int = 0, group_by_length: bool = False) -> DataLoader:
+                     num_workers: int = 0, group_by_length: bool = False, parts: list | None = None) -> DataLoader:
     """Shuffled with a seeded generator of its own, so the order does not draw on the global RNG (which a
     resume restores) and an epoch's order is the same after a resume. With `group_by_length`, batches of similar
-    `duration` in an order set by (seed, epoch) (`loop.samplers`)."""
-    sampler = LengthGroupedSampler(table["duration"], batch_size, seed) if group_by_length else None
+    `duration` in an order set by (seed, epoch) (`loop.samplers`). With more than one of `parts`
+    (`loop.mixing.TrainPart`, `data.mix`), each epoch draws the parts at their shares (`MixedSampler`)."""
+    if parts and len(parts) > 1:
+        sampler = MixedSampler(table["duration"], [part.rows for part in parts], [part.share for part in parts],
+                               seed, batch_size if group_by_length else None)
+    else:
+        sampler = LengthGroupedSampler(table["duration"], batch_size, seed) if group_by_length else None
     return DataLoader(Rows(table), batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
                       generator=torch.Generator().manual_seed(seed),
                       **_common(decoder_start_token_id, num_workers))

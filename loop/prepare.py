@@ -36,6 +36,19 @@ from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
 PREP_VERSION = 5  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
+PREPARED_FEATURES = datasets.Features(  # what `prepare` writes; `loop.no_speech` writes the same columns
+    {
+        "audio": datasets.List(datasets.Value("int16")),
+        "audio_scale": datasets.Value("float32"),
+        "labels": datasets.List(datasets.Value("int32")),
+        "duration": datasets.Value("float32"),
+        "utterances": datasets.Value("int32"),
+        "skip_reason": datasets.Value("string"),
+        "skip_message": datasets.Value("string"),
+        "implausible": datasets.Value("string"),
+        **{name: datasets.Value("string") for name in KEPT_COLUMNS},
+    }
+)
 
 
 @dataclass
@@ -57,6 +70,8 @@ class SplitReport:
     """Size of the prepared cache files on disk."""
     audio_seconds: float = 0.0
     """Seconds of audio in the kept rows."""
+    no_speech: int = 0
+    """Rows of silence or noise with an empty transcript added to the kept ones (`data.no_speech_fraction`)."""
 
     def as_dict(self) -> dict:
         flagged = {"implausible": self.implausible, "implausible_messages": self.implausible_messages}
@@ -64,6 +79,7 @@ class SplitReport:
         cache = {"cache_bytes": self.cache_bytes, "cache_bytes_per_row": round(self.cache_bytes / rows),
                  "cache_mb_per_audio_hour": round(self.cache_bytes / 1e6 / max(self.audio_seconds / 3600, 1e-9), 1)}
         return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
+                **({"no_speech": self.no_speech} if self.no_speech else {}),
                 **self.skips.as_dict(), **(flagged if self.implausible else {}),
                 **(cache if self.cache_bytes and self.audio_seconds else {})}
 
@@ -73,6 +89,7 @@ class SplitReport:
         examples += [f"\n    flagged: {message}" for message in self.implausible_messages[:3]]
         packed = f" (packed into {self.windows} windows)" if self.windows else ""
         flagged = f"; flagged as implausible (kept): {self.implausible}" if self.implausible else ""
+        flagged += f"; plus {self.no_speech} no-speech rows" if self.no_speech else ""
         return (f"{self.name}: {self.kept} of {self.read} utterances kept{packed}; skipped: {skipped}{flagged}"
                 + "".join(examples))
 
@@ -292,19 +309,7 @@ def prepare(
     fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features(
-        {
-            "audio": datasets.List(datasets.Value("int16")),
-            "audio_scale": datasets.Value("float32"),
-            "labels": datasets.List(datasets.Value("int32")),
-            "duration": datasets.Value("float32"),
-            "utterances": datasets.Value("int32"),
-            "skip_reason": datasets.Value("string"),
-            "skip_message": datasets.Value("string"),
-            "implausible": datasets.Value("string"),
-            **{name: datasets.Value("string") for name in KEPT_COLUMNS},
-        }
-    )
+    features = PREPARED_FEATURES
     if len(utterances) == 0:  # `map` hands an empty table back unchanged, without the prepared columns
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     stem = f"{report.name}-{fingerprint}"

@@ -74,3 +74,62 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.durations)
+
+
+# Data mixing (`data.mix`): an epoch drawn from the table's parts (`loop.mixing.TrainPart`), as a function of
+# (seed, epoch) alone, like the length-grouped order, so that a resume skips exactly the consumed batches.
+
+
+def epoch_quotas(sizes: list[int], shares: list[float]) -> list[int]:
+    """Rows each part gives one epoch: the first part (the data source) all of its rows, once; so an epoch has
+    `sizes[0] / shares[0]` rows, and every other part its share of them (rounded, at least 1)."""
+    total = sizes[0] / shares[0]
+    return [sizes[0]] + [max(1, round(share * total)) for share in shares[1:]]
+
+
+def mixed_epoch_order(sizes: list[int], shares: list[float], seed: int, epoch: int) -> np.ndarray:
+    """Table rows of one epoch over parts of `sizes` rows lying end to end, each part giving `epoch_quotas` rows,
+    shuffled together so that every batch mixes the parts at about their shares.
+
+    The first part gives each of its rows once. Every other part is drawn without replacement across epochs:
+    its rows are read from an endless stream of permutations (one per pass over the part, seeded by (seed, part,
+    pass)), epoch e taking the stream's quota positions from e x quota on, so every row is seen before any is seen
+    again; a part smaller than its quota repeats rows within an epoch. Nothing depends on earlier epochs having run."""
+    quotas = epoch_quotas(sizes, shares)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    chosen = [np.arange(sizes[0], dtype=np.int64)]
+    for part in range(1, len(sizes)):
+        size, quota = sizes[part], quotas[part]
+        first, last = epoch * quota, (epoch + 1) * quota  # stream positions [first, last)
+        passes = range(first // size, (last - 1) // size + 1)
+        stream = np.concatenate([np.random.default_rng([seed % 2**64, part, p]).permutation(size) for p in passes])
+        start = first - passes[0] * size
+        chosen.append(offsets[part] + stream[start:start + quota])
+    order = np.concatenate(chosen)
+    return order[np.random.default_rng([seed % 2**64, epoch]).permutation(len(order))]
+
+
+class MixedSampler(Sampler[int]):
+    """Table rows in `mixed_epoch_order` for the epoch set by `set_epoch` (0 until then); with `batch_size`, the
+    epoch's rows in length-grouped batches (`length_grouped_batches` over them), for `train.group_by_length`."""
+
+    def __init__(self, durations, sizes: list[int], shares: list[float], seed: int, batch_size: int | None = None):
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.sizes, self.shares, self.seed, self.batch_size = list(sizes), list(shares), seed, batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        rows = mixed_epoch_order(self.sizes, self.shares, self.seed, self.epoch)
+        if self.batch_size is None:
+            return rows
+        batches = length_grouped_batches(self.durations[rows], self.batch_size, self.seed, self.epoch)
+        return rows[np.concatenate(batches)] if batches else rows
+
+    def __iter__(self):
+        yield from self.order().tolist()
+
+    def __len__(self) -> int:
+        return sum(epoch_quotas(self.sizes, self.shares))

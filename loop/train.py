@@ -39,6 +39,7 @@ from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
 from loop.optimizers import build_optimizer
+from loop.no_speech import allow_empty_transcripts
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.run_lock import release
@@ -110,6 +111,8 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(f"warning: {warning}")
     checkpoint = prepare_output_dir(config, accelerator)  # locks the folder; the verified checkpoint to resume
     model, processor = load_model(config.model, config.eval)
+    if config.data.no_speech_fraction > 0:  # the empty transcript these rows teach must be one generation can give
+        allow_empty_transcripts(model.generation_config)
     augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
     accelerator.print(augmenter.describe())
     with accelerator.main_process_first():  # the main process fills the data cache, the others read it
@@ -144,6 +147,8 @@ def setup(config: RunConfig) -> Run:
         warn_if_short_of_space(accelerator, model, optimizer, config.output_dir, config.train.save_total_limit)
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
         accelerator.print(data.reports["train"].summary())
+        for part in data.train_parts[1:]:  # the data.mix sources, each with its own report
+            accelerator.print(data.reports[part.name].summary() + f"  [{part.share:.0%} of each epoch's rows]")
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
@@ -156,7 +161,7 @@ def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataL
     eval_batch = config.eval.per_device_eval_batch_size
     return (
         train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers,
-                         group_by_length=config.train.group_by_length),
+                         group_by_length=config.train.group_by_length, parts=data.train_parts),
         eval_dataloader(data.selection, eval_batch, start, workers),
         eval_dataloader(data.test, eval_batch, start, workers),
     )
