@@ -8,6 +8,7 @@ that depend on each other (`validate`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import typing
 from pathlib import Path
@@ -53,12 +54,18 @@ def _coerce(value, kind, where: str, problems: list[str]):
     """Converts a YAML or command-line value to the field's type; records a problem if it cannot."""
     kind = _base_type(kind)
     if typing.get_origin(kind) is list:
+        if isinstance(value, str) and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+            value = _yaml_value(value, where, problems)
+        if isinstance(value, dict):  # one entry written without the list around it
+            value = [value]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {value!r}")
             return None
         (item,) = typing.get_args(kind) or (str,)
+        if dataclasses.is_dataclass(item):
+            return _coerce_entries(value, item, where, problems)
         if item is not str:  # list[float]: each item as a number, each bad one reported
             items = [_coerce(v, item, f"{where}[{index}]", problems) for index, v in enumerate(value)]
             return None if None in items else items
@@ -80,6 +87,38 @@ def _coerce(value, kind, where: str, problems: list[str]):
             return None
         return number
     return "" if value is None else str(value)
+
+
+def _yaml_value(text: str, where: str, problems: list[str]):
+    """A list of mappings given on the command line, as a YAML flow list (`[{name: english, path: ...}]`)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else []
+    except yaml.YAMLError as error:
+        problems.append(f"{where}: not a YAML list of mappings ({error.problem if hasattr(error, 'problem') else error})")
+        return None
+
+
+def _coerce_entries(values: list, kind, where: str, problems: list[str]):
+    """A list of mappings -> a list of `kind` dataclasses, each key checked against `kind`'s fields."""
+    types_, entries = field_types(kind), []
+    for index, values_ in enumerate(values):
+        here = f"{where}[{index}]"
+        if dataclasses.is_dataclass(values_):
+            values_ = dataclasses.asdict(values_)
+        if not isinstance(values_, dict):
+            problems.append(f"{here}: expected a mapping of {', '.join(types_)}, got {values_!r}")
+            continue
+        entry = kind()
+        for key, value in values_.items():
+            if key not in types_:
+                hint = difflib.get_close_matches(str(key), list(types_), n=1)
+                problems.append(f"{here}.{key} is not an option" + (f" (did you mean {hint[0]}?)" if hint else ""))
+                continue
+            coerced = _coerce(value, types_[key], f"{here}.{key}", problems)
+            if coerced is not None:
+                setattr(entry, key, coerced)
+        entries.append(entry)
+    return entries
 
 
 def _apply(config: RunConfig, values: dict, origin: str, problems: list[str]) -> None:
@@ -150,10 +189,18 @@ def parse_overrides(args: list[str]) -> tuple[dict, list[str]]:
 
 def field_problems(config: RunConfig, section: str) -> list[str]:
     """What each field of `section` says on its own in its type: a `Literal`'s choices, a `Range`'s bounds."""
+    return _value_problems(getattr(config, section), section)
+
+
+def _value_problems(values, prefix: str) -> list[str]:
+    """`field_problems` for one dataclass instance, and for each entry of its lists of dataclasses."""
     problems = []
-    values = getattr(config, section)
-    for name, kind in field_types(SECTIONS[section]).items():
-        value, option = getattr(values, name), f"{section}.{name}"
+    for name, kind in field_types(type(values)).items():
+        value, option = getattr(values, name), f"{prefix}.{name}"
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for index, entry in enumerate(value):
+                problems += _value_problems(entry, f"{option}[{index}]")
+            continue
         extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is Annotated else ()
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
         if choices and value not in choices:
@@ -168,8 +215,6 @@ def field_problems(config: RunConfig, section: str) -> list[str]:
 def validate(config: RunConfig) -> list[str]:
     """Every problem with the values, before any model or data loads, section by section: each field against its
     type, then the settings that depend on each other."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
     d, m, t = config.data, config.model, config.train
     problems = field_problems(config, "data")
     if d.source in ("common_voice", "manifest"):
@@ -187,18 +232,44 @@ def validate(config: RunConfig) -> list[str]:
     if d.min_chars_per_second >= d.max_chars_per_second:
         problems.append(f"data.min_chars_per_second ({d.min_chars_per_second:g}) must be 0 (off) or more and below "
                         f"data.max_chars_per_second ({d.max_chars_per_second:g})")
-    problems += field_problems(config, "model")
-    language = m.language.lower()
-    if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
-        hint = difflib.get_close_matches(language, list(TO_LANGUAGE_CODE), n=1)
-        problems.append(f"model.language {m.language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    problems += field_problems(config, "model") + _language_problems(m.language, "model.language")
     problems += _model_path_problems(m.name_or_path, "model.name_or_path")
     problems += field_problems(config, "train")
     if t.resume and t.overwrite_output_dir:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
-    return problems + field_problems(config, "eval") + _augment_problems(config)
+    return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
+
+
+def _language_problems(language: str, option: str) -> list[str]:
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if language.lower() in TO_LANGUAGE_CODE or language.lower() in LANGUAGES:
+        return []
+    hint = difflib.get_close_matches(language.lower(), list(TO_LANGUAGE_CODE), n=1)
+    return [f"{option} {language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else "")]
+
+
+def _guard_set_problems(config: RunConfig) -> list[str]:
+    """Each guard set: a unique name, a Whisper language, a source it can be read from."""
+    problems, names = [], set()
+    for index, guard in enumerate(config.eval.guard_sets):
+        option = f"eval.guard_sets[{index}]"
+        if not guard.name:
+            problems.append(f"{option}.name is required (it names the set in logs and results.json)")
+        elif guard.name in names:
+            problems.append(f"{option}.name {guard.name!r} is used twice")
+        names.add(guard.name)
+        problems += (_language_problems(guard.language, f"{option}.language") if guard.language
+                     else [f"{option}.language is required (decoding is forced to it)"])
+        if guard.source != "hub" and not guard.path:
+            problems.append(f"{option}.path is required for source {guard.source}")
+        elif guard.source != "hub" and not resolve_path(guard.path).exists():
+            problems.append(f"{option}.path {guard.path!r} does not exist")
+        if guard.source == "hub" and not guard.dataset_name:
+            problems.append(f"{option}.dataset_name is required for source hub")
+    return problems
 
 
 def _augment_problems(config: RunConfig) -> list[str]:
