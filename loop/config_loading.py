@@ -94,7 +94,7 @@ def _yaml_value(text: str, where: str, problems: list[str]):
     try:
         return yaml.safe_load(text) if text.strip() else []
     except yaml.YAMLError as error:
-        problems.append(f"{where}: not a YAML list of mappings ({error.problem if hasattr(error, 'problem') else error})")
+        problems.append(f"{where}: not a YAML list of mappings ({getattr(error, 'problem', error)})")
         return None
 
 

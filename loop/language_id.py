@@ -23,16 +23,30 @@ def language_token_ids(generation_config) -> dict[str, int]:
 
 
 @torch.no_grad()
-def detect_languages(model, encoder_outputs) -> list[str]:
-    """The language code Whisper predicts for each row of `encoder_outputs` (the encoder's output for a batch,
-    as `model.get_encoder()` returns it), without forcing any language token."""
-    languages = language_token_ids(model.generation_config)
-    hidden = encoder_outputs[0] if isinstance(encoder_outputs, tuple) else encoder_outputs.last_hidden_state
+def detect_language_ids(model, encoder_outputs) -> torch.Tensor:
+    """(batch,) the language token id Whisper predicts for each row of `encoder_outputs` (the encoder's output for
+    a batch, as `model.get_encoder()` returns it) after `<|startoftranscript|>`, with no language forced."""
+    token_ids = torch.tensor(list(language_token_ids(model.generation_config).values()))
+    hidden = encoder_outputs[0]  # a tuple or a BaseModelOutput: both index to last_hidden_state
     start = torch.full((hidden.shape[0], 1), model.generation_config.decoder_start_token_id, dtype=torch.long,
                        device=hidden.device)
     logits = model(encoder_outputs=(hidden,), decoder_input_ids=start, use_cache=False).logits[:, -1]
-    codes, ids = list(languages), torch.tensor(list(languages.values()), device=logits.device)
-    return [codes[i] for i in logits[:, ids].argmax(dim=-1).tolist()]
+    token_ids = token_ids.to(logits.device)
+    return token_ids[logits[:, token_ids].argmax(dim=-1)]
+
+
+def detect_languages(model, encoder_outputs) -> list[str]:
+    """The language code Whisper predicts for each row of `encoder_outputs`."""
+    id_to_code = {token_id: code for code, token_id in language_token_ids(model.generation_config).items()}
+    return [id_to_code[token_id] for token_id in detect_language_ids(model, encoder_outputs).tolist()]
+
+
+def language_code_of(language: str) -> str:
+    """"hindi" or "hi" -> "hi" (Whisper's language names and codes)."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    language = language.strip().lower()
+    return TO_LANGUAGE_CODE.get(language, language)
 
 
 def language_id_share(detected: list[str], expected: str) -> float:
