@@ -12,7 +12,7 @@ from loop.guard_sets import guard_summary, language_id_drops
 from loop.train import train
 from tests.helpers import CORPUS, run_config, tensorboard_scalars
 
-ENGLISH = f"{{name: english, language: english, path: {CORPUS}, locale: en, max_samples: 6}}"
+ENGLISH = f"{{name: english, language: english, path: {CORPUS}, locale: en, max_samples: 4}}"
 
 
 def test_the_quickstart_preset_guards_english():
@@ -23,7 +23,7 @@ def test_the_quickstart_preset_guards_english():
 
 def test_guard_sets_from_the_command_line_and_every_problem_named():
     config = load_config("quickstart", [f"--eval.guard_sets=[{ENGLISH}]"])
-    assert [g.name for g in config.eval.guard_sets] == ["english"] and config.eval.guard_sets[0].max_samples == 6
+    assert [g.name for g in config.eval.guard_sets] == ["english"] and config.eval.guard_sets[0].max_samples == 4
     assert load_config("quickstart", ["--eval.guard_sets=[]"]).eval.guard_sets == []
     with pytest.raises(ConfigError) as caught:
         load_config("quickstart", ["--eval.guard_sets=[{name: en, language: klingon, path: /nowhere, max_sample: 3},"
@@ -40,24 +40,24 @@ def test_guard_sets_from_the_command_line_and_every_problem_named():
 def test_a_run_reports_each_guard_set_before_and_at_the_best_step(tmp_path, fast_model, session_cache_dir, capsys):
     config = run_config(
         tmp_path / "run", fast_model, session_cache_dir, "--data.max_train_samples=24", "--data.selection_size=8",
-        "--data.max_eval_samples=4", "--train.per_device_train_batch_size=8", "--train.max_steps=4",
-        "--eval.eval_steps=2", "--eval.eval_on_start=true", "--train.report_to=tensorboard",
-        "--eval.generation_max_length=24", f"--eval.guard_sets=[{ENGLISH}]",
+        "--data.max_eval_samples=4", "--train.per_device_train_batch_size=8", "--train.max_steps=2",
+        "--eval.eval_steps=1", "--eval.eval_on_start=true", "--train.report_to=tensorboard",
+        "--eval.generation_max_length=16", f"--eval.guard_sets=[{ENGLISH}]",
     )
     results = train(config)
     out = tmp_path / "run"
     guard = results["guard_sets"]["english"]
     assert guard["initial_step"] == 0 and guard["best_step"] == results["best_step"]
     for figures in (guard["initial"], guard["best"], guard["final"]):
-        assert figures["num_utterances"] == 6 and 0 <= figures["language_id"] <= 100
+        assert figures["num_utterances"] == 4 and 0 <= figures["language_id"] <= 100
         assert {"wer", "cer", "normalized_wer", "loop_share", "empty_share", "insertion_rate"} <= figures.keys()
     # The figures come from real decoding: each evaluation's entry holds them, the summary picks two of them.
     evaluations = json.loads((out / "results.json").read_text())["evaluations"]
-    assert [e["step"] for e in evaluations] == [0, 2, 4] and all("english" in e["guards"] for e in evaluations)
+    assert [e["step"] for e in evaluations] == [0, 1, 2] and all("english" in e["guards"] for e in evaluations)
     assert guard["initial"] == evaluations[0]["guards"]["english"]
-    assert tensorboard_scalars(out, "guard/english/wer").keys() == {0, 2, 4}
-    assert tensorboard_scalars(out, "guard/english/language_id").keys() == {0, 2, 4}
-    assert tensorboard_scalars(out, "eval/loop_share").keys() == {0, 2, 4}
+    assert tensorboard_scalars(out, "guard/english/wer").keys() == {0, 1, 2}
+    assert tensorboard_scalars(out, "guard/english/language_id").keys() == {0, 1, 2}
+    assert tensorboard_scalars(out, "eval/loop_share").keys() == {0, 1, 2}
     assert results["selection_language_id"]["initial"] == evaluations[0]["language_id"]
     card = (out / "best" / "README.md").read_text()
     assert "## What it kept" in card and "| guard set english |" in card
@@ -88,7 +88,7 @@ def test_guard_sets_are_decoded_in_their_own_language(decoding_checkpoint, tmp_p
                                       "english", log_mel=log_mel, compute_loss=False, decode_language=language)
                    for language in ("english", "hindi")}
     english, hindi = ([p["hypothesis"] for p in decoded[language].predictions] for language in ("english", "hindi"))
-    assert len(english) == 6 and english != hindi
+    assert len(english) == 4 and english != hindi
     assert all(p["detected_language"] for p in decoded["english"].predictions)
 
 
