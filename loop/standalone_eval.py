@@ -22,11 +22,13 @@ from loop.encoder_window import saved_encoder_window
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic
+from loop.hallucination import worst_hallucinations
 from loop.loaders import eval_dataloader
 from loop.model import load_for_inference
 from loop.prepare import SplitReport
 from loop.report import (
     DEFAULT_HTML_AUDIO_MB,
+    WORST_HALLUCINATIONS,
     utterance_rows,
     write_predictions_jsonl,
     write_report_html,
@@ -34,7 +36,9 @@ from loop.report import (
 )
 from loop.sources import DataError
 
-METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "num_utterances", "num_failed")
+METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "language_id", "insertion_rate", "loop_share",
+               "long_share", "compressible_share", "reference_compressible_share", "empty_share",
+               "hallucination_counts", "num_utterances", "num_failed")
 
 
 @dataclass
@@ -163,7 +167,9 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
                       model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}")
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
-    return ModelEvaluation(metrics, utterance_rows(result.predictions, split.table)), split
+    rows = utterance_rows(result.predictions, split.table)
+    metrics["worst_hallucinations"] = worst_hallucinations(rows, WORST_HALLUCINATIONS)
+    return ModelEvaluation(metrics, rows), split
 
 
 def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,
