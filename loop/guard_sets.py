@@ -93,7 +93,8 @@ def guard_summary(evaluations: list[dict], best_step: int) -> dict[str, dict]:
     best = next((entry for entry in with_guards if entry["step"] == best_step), with_guards[-1])
     return {
         name: {"initial": with_guards[0]["guards"].get(name), "initial_step": with_guards[0]["step"],
-               "best": best["guards"].get(name), "best_step": best["step"], "final": with_guards[-1]["guards"].get(name)}
+               "best": best["guards"].get(name), "best_step": best["step"],
+               "final": with_guards[-1]["guards"].get(name)}
         for name in with_guards[0]["guards"]
     }
 
@@ -105,7 +106,8 @@ def language_id_drops(evaluations: list[dict], threshold: float) -> list[str]:
         return []
     first, latest = evaluations[0], evaluations[-1]
     pairs = [("the selection split", first.get("language_id"), latest.get("language_id"))]
-    pairs += [(f"guard set {name!r}", figures.get("language_id"), (latest.get("guards") or {}).get(name, {}).get("language_id"))
+    latest_guards = latest.get("guards") or {}
+    pairs += [(f"guard set {name!r}", figures.get("language_id"), latest_guards.get(name, {}).get("language_id"))
               for name, figures in (first.get("guards") or {}).items()]
     return [f"language ID on {where} fell from {before:.1f}% at step {first['step']} to {after:.1f}% at step "
             f"{latest['step']} (more than eval.language_id_drop_warning={threshold:g} points): the model is losing "

@@ -366,7 +366,8 @@ def log_guard_sets(run: Run, results: dict[str, EvalResult]) -> None:
         accelerator.log({f"guard/{name}/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "language_id",
                                                                   *HALLUCINATION_FIGURES) if key in m}, step=state.step)
         accelerator.print(
-            f"  guard {name}: WER {m['wer']:.2f}  normalized WER {m['normalized_wer']:.2f}  loops {m['loop_share']:.1f}%"
+            f"  guard {name}: WER {m['wer']:.2f}  normalized WER {m['normalized_wer']:.2f}  "
+            f"loops {m['loop_share']:.1f}%"
             + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "") + f"  ({result.seconds:.1f} s)"
         )
     for warning in language_id_drops(state.evaluations, run.config.eval.language_id_drop_warning):
@@ -416,8 +417,8 @@ def finish(run: Run) -> dict:
             f"{config.data.eval_split} WER of best/ "
             + ", ".join(f"{metrics['wer']:.2f} ({window} window)" for window, metrics in by_window.items())
             + ("  [recipe mode: the test split also chose the model]" if config.eval.select_on == "test" else "")
-            + "".join(f"; guard {name} WER {g['initial']['wer']:.2f} at step {g['initial_step']} -> {g['best']['wer']:.2f} "
-                      f"at the best step" for name, g in results["guard_sets"].items())
+            + "".join(f"; guard {name} WER {g['initial']['wer']:.2f} at step {g['initial_step']} -> "
+                      f"{g['best']['wer']:.2f} at the best step" for name, g in results["guard_sets"].items())
         )
     accelerator.end_training()
     return results
