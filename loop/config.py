@@ -244,6 +244,18 @@ class EvalConfig:
     """Evaluate before the first step, giving `initial_wer`."""
     num_logged_examples: NotNegative = 5
     """Reference/prediction pairs logged to TensorBoard at each evaluation."""
+    no_repeat_ngram_size: NotNegative = 0
+    """Never repeat an n-gram of this many tokens within a hypothesis (0: off). Stops "और और और" loops, but also
+    forbids real repeats: keep it at 3 or more for Devanagari, where one word is often several tokens."""
+    max_new_tokens_per_second: Annotated[float, Range(low=0)] = 0.0
+    """Stop a hypothesis at this many new tokens per second of its audio (at least 8; 0: off): a loop cannot run to
+    generation_max_length. Read speech in Hindi takes about 4-8 Whisper tokens a second: 20 leaves room."""
+    temperature_fallback: bool = False
+    """Whisper's temperature fallback: a hypothesis whose text compresses beyond `compression_ratio_threshold` (it
+    loops) is decoded again by sampling at 0.2, 0.4, ... 1.0 until one passes (the last is kept)."""
+    compression_ratio_threshold: Annotated[float, Range(low=0, low_open=True)] = 2.4
+    """For `temperature_fallback`: UTF-8 bytes over their zlib size, Whisper's 2.4 (the hallucination metrics use
+    the same ratio). Devanagari compresses more than Latin script: long Hindi rows of 30 s may reach 2.4 unlooped."""
     guard_sets: list[GuardSet] = field(default_factory=list)
     """Extra evaluation sets (YAML: a list of mappings with `GuardSet`'s keys; command line: the same as a YAML flow
     list, `--eval.guard_sets='[{name: english, language: en, path: assets/cv-corpus-17.0-synthetic, locale: en}]'`),

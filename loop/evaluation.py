@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
 
+from loop.decoding_options import generation_options, temperature_fallback
 from loop.encoder_window import batch_features, generation_inputs
 from loop.hallucination import hallucination_metrics
 from loop.language_id import detect_language_ids, language_code_of, language_id_share
@@ -24,16 +26,36 @@ from loop.metrics import compute_metrics
 @torch.no_grad()
 def transcribe(model, input_features: torch.Tensor, tokenizer) -> list[str]:
     """(batch, n_mels, n_frames) features -> one transcript per row, decoded as the model folder says."""
-    token_ids = generate_ids(model, input_features)
+    token_ids = decode_ids(model, input_features, tokenizer)
     return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
 
 @torch.no_grad()
+def decode_ids(model, input_features: torch.Tensor, tokenizer, encoder_outputs=None, cross_attention=None,
+               language: str | None = None, seconds: torch.Tensor | None = None) -> torch.Tensor:
+    """`generate_ids`, then the temperature fallback of `loop.decoding_options` for the rows whose text loops,
+    when the model folder turns it on."""
+    token_ids = generate_ids(model, input_features, encoder_outputs, cross_attention, language, seconds)
+    if not getattr(model.generation_config, "temperature_fallback", False):
+        return token_ids
+
+    def sample(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        outputs = None if encoder_outputs is None else BaseModelOutput(last_hidden_state=encoder_outputs[0][rows])
+        return generate_ids(model, input_features[rows], outputs, None, language,
+                            None if seconds is None else seconds[rows], do_sample=True, temperature=temperature)
+
+    return temperature_fallback(token_ids, lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
+                                sample, model.generation_config)
+
+
+@torch.no_grad()
 def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cross_attention=None,
-                 language: str | None = None) -> torch.Tensor:
+                 language: str | None = None, seconds: torch.Tensor | None = None, **sampling) -> torch.Tensor:
     """Generated token ids (batch, length); language and task are passed explicitly as the Whisper API requires,
     everything else (max_length, num_beams) comes from `model.generation_config`; `language` overrides the
-    config's (a guard set in another language). With `encoder_outputs` (the
+    config's (a guard set in another language); `seconds` (batch,) of audio feed the duration cap
+    (`loop.decoding_options`) when the config turns it on; `sampling` (`do_sample`, `temperature`) is for the
+    temperature fallback. With `encoder_outputs` (the
     encoder's output for `input_features`, already computed) the encoder is not run again; with `cross_attention`
     (a cache filled by a decoder pass over the same encoder output) neither are the decoder's projections of it."""
     settings = model.generation_config
@@ -46,7 +68,7 @@ def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cros
     # before the window's end sends generate back for a second pass over the rest of the window, which with
     # `encoder_outputs` (no features to cut the batch by) fails inside transformers.
     return model.generate(**inputs, language=language or settings.language, task=settings.task, use_cache=True,
-                          force_unique_generate_call=True)
+                          force_unique_generate_call=True, **generation_options(settings, seconds), **sampling)
 
 
 def shares_cross_attention(settings) -> bool:
@@ -96,7 +118,8 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
                     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
                     loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
                     cross_attention = cache.cross_attention_cache
-                token_ids = generate_ids(generator, features, encoder_outputs, cross_attention, decode_language)
+                token_ids = decode_ids(generator, features, tokenizer, encoder_outputs, cross_attention,
+                                       decode_language, batch["durations"])
                 languages = detect_language_ids(generator, encoder_outputs) if language_ids else None
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:

@@ -8,7 +8,7 @@ decides how it decodes, here as in the loop and the demo, unless the command lin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -18,6 +18,7 @@ from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.config import RunConfig
 from loop.config_loading import parse_overrides
 from loop.data import build_eval_split
+from loop.decoding_options import OPTION_NAMES, describe, override_decoding_options
 from loop.encoder_window import saved_encoder_window
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
@@ -51,13 +52,17 @@ class DecodeOverrides:
     max_length: int | None = None
     encoder_window: str | None = None
     """`full` or `dynamic`; None: the window the model was trained with (its config.json records it)."""
+    options: dict = field(default_factory=dict)
+    """The anti-hallucination options typed (`eval.no_repeat_ngram_size`, ...: `loop.decoding_options`)."""
 
     @classmethod
     def from_command_line(cls, language: str | None, task: str | None, num_beams: int | None,
-                          overrides: list[str], encoder_window: str | None = None) -> DecodeOverrides:
+                          overrides: list[str], encoder_window: str | None = None,
+                          eval_config=None) -> DecodeOverrides:
         """`--language/--task/--num_beams/--encoder_window`, else the same settings given as `--model.language`,
         `--model.task`, `--eval.generation_num_beams`, `--eval.generation_max_length`, `--model.encoder_window`
-        (a preset's values do not override the model folder: only what the user typed does)."""
+        and the options of `loop.decoding_options` as `--eval.<name>`, their values from `eval_config` (the checked
+        configuration) (a preset's values do not override the model folder: only what the user typed does)."""
         typed, _ = parse_overrides(overrides)
         model, evaluation = typed.get("model", {}), typed.get("eval", {})
         beams = num_beams if num_beams is not None else evaluation.get("generation_num_beams")
@@ -68,6 +73,8 @@ class DecodeOverrides:
             num_beams=int(beams) if beams is not None else None,
             max_length=int(max_length) if max_length is not None else None,
             encoder_window=encoder_window or model.get("encoder_window"),
+            options={name: getattr(eval_config, name) for name in OPTION_NAMES if name in evaluation}
+            if eval_config is not None else {},
         )
 
 
@@ -82,7 +89,8 @@ class ModelEvaluation:
 def decoding_settings(model) -> dict:
     settings = model.generation_config
     return {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams or 1,
-            "max_length": settings.max_length, "encoder_window": saved_encoder_window(model)[0]}
+            "max_length": settings.max_length, "encoder_window": saved_encoder_window(model)[0],
+            **{name: value for name, value in describe(settings).items() if value}}
 
 
 def summary_metrics(name: str, split: str, result: EvalResult, report: SplitReport, model,
@@ -156,10 +164,12 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
                          batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
     """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
     `loop.evaluation.evaluate` (on `same_as`'s utterances if given)."""
+    settings = {key: value for key, value in asdict(decode).items() if key != "options"}
     model, processor = load_for_inference(
-        name, **asdict(decode), fallback_language=config.model.language,
+        name, **settings, fallback_language=config.model.language,
         attn_implementation=config.model.attn_implementation,
     )
+    override_decoding_options(model.generation_config, decode.options)
     split = prepare_split(config, model, processor, accelerator, same_as)
     loader = accelerator.prepare(eval_dataloader(split.table, batch_size, model.config.decoder_start_token_id))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
