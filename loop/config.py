@@ -284,6 +284,35 @@ class TrainConfig:
 
 
 @dataclass
+class GuardSet:
+    """An extra evaluation set, decoded at every evaluation beside the selection split (`eval.guard_sets`): what
+    fine-tuning costs in another language or domain. Any source the data layer reads; its own language."""
+
+    name: str = ""
+    """Its name in logs, TensorBoard (`guard/<name>/wer`) and results.json."""
+    language: str = ""
+    """Language of its transcripts (Whisper name or code): decoding is forced to it and its WER normalized for it."""
+    source: Literal["common_voice", "hub", "manifest"] = "common_voice"
+    """As `data.source`."""
+    path: str = ""
+    """As `data.path` (a Common Voice folder or manifest folder)."""
+    locale: str = ""
+    """Common Voice locale folder under `path` (empty: `path` holds one)."""
+    dataset_name: str = ""
+    """Hub dataset id for `source: hub`."""
+    dataset_config: str = ""
+    """Hub dataset configuration."""
+    split: str = "test"
+    """The split to evaluate."""
+    audio_column: str = "audio"
+    """Audio column for hub and manifest sources."""
+    text_column: str = "sentence"
+    """Transcript column for hub and manifest sources."""
+    max_samples: NotNegative = 50
+    """Evaluate at most this many utterances (0: all): a guard set costs evaluation time at every evaluation."""
+
+
+@dataclass
 class EvalConfig:
     eval_steps: AtLeastOne = 1000
     """Optimizer steps between evaluations on the selection split (the last step always evaluates)."""
@@ -300,6 +329,25 @@ class EvalConfig:
     """Evaluate before the first step, giving `initial_wer`."""
     num_logged_examples: NotNegative = 5
     """Reference/prediction pairs logged to TensorBoard at each evaluation."""
+    no_repeat_ngram_size: NotNegative = 0
+    """Never repeat an n-gram of this many tokens within a hypothesis (0: off). Stops "और और और" loops, but also
+    forbids real repeats: keep it at 3 or more for Devanagari, where one word is often several tokens."""
+    max_new_tokens_per_second: Annotated[float, Range(low=0)] = 0.0
+    """Stop a hypothesis at this many new tokens per second of its audio (at least 8; 0: off): a loop cannot run to
+    generation_max_length. Read speech in Hindi takes about 4-8 Whisper tokens a second: 20 leaves room."""
+    temperature_fallback: bool = False
+    """Whisper's temperature fallback: a hypothesis whose text compresses beyond `compression_ratio_threshold` (it
+    loops) is decoded again by sampling at 0.2, 0.4, ... 1.0 until one passes (the last is kept)."""
+    compression_ratio_threshold: Annotated[float, Range(low=0, low_open=True)] = 2.4
+    """For `temperature_fallback`: UTF-8 bytes over their zlib size, Whisper's 2.4 (the hallucination metrics use
+    the same ratio). Devanagari compresses more than Latin script: long Hindi rows of 30 s may reach 2.4 unlooped."""
+    guard_sets: list[GuardSet] = field(default_factory=list)
+    """Extra evaluation sets (YAML: a list of mappings with `GuardSet`'s keys; command line: the same as a YAML flow
+    list, `--eval.guard_sets='[{name: english, language: en, path: assets/cv-corpus-17.0-synthetic, locale: en}]'`),
+    each scored at every evaluation with WER, hallucination figures and language ID."""
+    language_id_drop_warning: Annotated[float, Range(low=0)] = 10.0
+    """Warn when the share of utterances whose language Whisper detects as the set's own falls by more than this
+    many points from step 0 (on the selection split and each guard set)."""
 
 
 @dataclass

@@ -216,8 +216,6 @@ def dataclass_problems(values, prefix: str) -> list[str]:
 def validate(config: RunConfig) -> list[str]:
     """Every problem with the values, before any model or data loads, section by section: each field against its
     type, then the settings that depend on each other."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
     d, m, t = config.data, config.model, config.train
     problems = field_problems(config, "data")
     if d.source in ("common_voice", "manifest"):
@@ -236,11 +234,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append(f"data.min_chars_per_second ({d.min_chars_per_second:g}) must be 0 (off) or more and below "
                         f"data.max_chars_per_second ({d.max_chars_per_second:g})")
     problems += data_mix_problems(config)
-    problems += field_problems(config, "model")
-    language = m.language.lower()
-    if language not in TO_LANGUAGE_CODE and language not in LANGUAGES:
-        hint = difflib.get_close_matches(language, list(TO_LANGUAGE_CODE), n=1)
-        problems.append(f"model.language {m.language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    problems += field_problems(config, "model") + _language_problems(m.language, "model.language")
     problems += _model_path_problems(m.name_or_path, "model.name_or_path")
     problems += field_problems(config, "train")
     if t.resume and t.overwrite_output_dir:
@@ -248,7 +242,38 @@ def validate(config: RunConfig) -> list[str]:
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
     problems += lora_problems(config)
-    return problems + field_problems(config, "eval") + _augment_problems(config)
+    return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
+
+
+def _language_problems(language: str, option: str) -> list[str]:
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if language.lower() in TO_LANGUAGE_CODE or language.lower() in LANGUAGES:
+        return []
+    hint = difflib.get_close_matches(language.lower(), list(TO_LANGUAGE_CODE), n=1)
+    return [f"{option} {language!r} is not a Whisper language" + (f" (did you mean {hint[0]!r}?)" if hint else "")]
+
+
+def _guard_set_problems(config: RunConfig) -> list[str]:
+    """Each guard set: a unique name, a Whisper language, a source it can be read from."""
+    problems, names = [], set()
+    for index, guard in enumerate(config.eval.guard_sets):
+        option = f"eval.guard_sets[{index}]"
+        if not guard.name:
+            problems.append(f"{option}.name is required (it names the set in logs and results.json)")
+        elif guard.name in names:
+            problems.append(f"{option}.name {guard.name!r} is used twice")
+        names.add(guard.name)
+        problems += dataclass_problems(guard, option)
+        problems += (_language_problems(guard.language, f"{option}.language") if guard.language
+                     else [f"{option}.language is required (decoding is forced to it)"])
+        if guard.source != "hub" and not guard.path:
+            problems.append(f"{option}.path is required for source {guard.source}")
+        elif guard.source != "hub" and not resolve_path(guard.path).exists():
+            problems.append(f"{option}.path {guard.path!r} does not exist")
+        if guard.source == "hub" and not guard.dataset_name:
+            problems.append(f"{option}.dataset_name is required for source hub")
+    return problems
 
 
 def data_mix_problems(config: RunConfig) -> list[str]:

@@ -7,6 +7,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from loop.config import EvalConfig, ModelConfig, resolve_path
+from loop.decoding_options import apply_decoding_options
 from loop.encoder_window import allow_short_inputs, record_encoder_window, saved_encoder_window
 from loop.lora import apply_lora, quantized_loading
 from loop.token_layout import LayoutError, check_layout
@@ -93,6 +94,7 @@ def set_generation_settings(model, language: str, task: str, eval_config: EvalCo
     if eval_config is not None:
         settings.max_length = eval_config.generation_max_length
         settings.num_beams = eval_config.generation_num_beams
+        apply_decoding_options(settings, eval_config)
 
 
 def set_encoder_window(model, window: str, multiple_s: float) -> None:

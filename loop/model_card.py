@@ -150,6 +150,29 @@ def results_lines(results: dict, config: RunConfig) -> list[str]:
     return lines
 
 
+def keeping_lines(results: dict) -> list[str]:
+    """"What it kept": each guard set's WER and language ID before fine-tuning and at the selected step, and the
+    selection split's language ID and loops, so a reader sees the cost of the gain at a glance."""
+    guards = results.get("guard_sets") or {}
+    language_id = results.get("selection_language_id") or {}
+    if not guards and language_id.get("initial") is None:
+        return []
+    lines = ["## What it kept", "",
+             "| evaluation set | WER before | WER at the selected step | language ID before | language ID after |",
+             "|---|---|---|---|---|"]
+    if language_id.get("initial") is not None:
+        lines.append(f"| {results.get('selection_split', 'selection split')} | {_number(results.get('initial_wer'))} "
+                     f"| {_number(results.get('best_wer'))} | {_number(language_id.get('initial'))}% "
+                     f"| {_number(language_id.get('best'))}% |")
+    for name, figures in guards.items():
+        before, after = figures.get("initial") or {}, figures.get("best") or {}
+        lines.append(f"| guard set {name} | {_number(before.get('wer'))} | {_number(after.get('wer'))} "
+                     f"| {_number(before.get('language_id'))}% | {_number(after.get('language_id'))}% |")
+    lines += ["", "Language ID: the share of utterances whose language Whisper detects, unforced, as the set's own. "
+              "Guard sets are decoded in their own language and never choose the model.", ""]
+    return lines
+
+
 def usage_lines(repo_or_path: str, config: RunConfig) -> list[str]:
     """The card's "How to use": the transformers pipeline on 16-kHz audio. The pipeline resamples other rates
     only with torchaudio, which whisper-loop does not install, so the snippet resamples with soxr first, as the
@@ -215,6 +238,7 @@ def render_model_card(results: dict, config: RunConfig, export_problems: list[st
         f"{dataset_title(config)} ({', '.join(config.data.train_splits)} splits) with "
         "whisper-loop, a plain Accelerate training loop.", "",
         "## Results", "", *results_lines(results, config), "",
+        *keeping_lines(results),
         "## Training hyperparameters", "", *hyperparameter_lines(results, config), "",
         "## How to use", "", *usage_lines(repo_or_path, config), "",
         "## Run it in faster-whisper", "",

@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from loop.hallucination import worst_hallucinations
 from loop.metrics import aligned_ops, alignment_counts, error_rates, utterance_error_rates
 
 # (label, lower bound inclusive, upper bound exclusive), seconds of audio
@@ -36,8 +37,16 @@ SUMMARY_FIELDS = (  # (key in metrics.json, label)
     ("normalized_wer", "normalized WER %"),
     ("normalized_cer", "normalized CER %"),
     ("loss", "loss"),
+    ("language_id", "language ID % (detected as the split's language)"),
+    ("insertion_rate", "inserted words % of reference words"),
+    ("loop_share", "hypotheses that loop %"),
+    ("long_share", "hypotheses over twice the reference's length %"),
+    ("compressible_share", "hypotheses with compression ratio over 2.4 %"),
+    ("reference_compressible_share", "references with compression ratio over 2.4 %"),
+    ("empty_share", "empty hypotheses %"),
     ("seconds", "evaluation seconds"),
 )
+WORST_HALLUCINATIONS = 10  # flagged hypotheses listed in the report (metrics.json keeps the same ones)
 
 
 # --- rows -------------------------------------------------------------------------------------------------------
@@ -61,6 +70,7 @@ def utterance_rows(predictions: Sequence[dict], table) -> list[dict]:
             "cer": cer,
             "duration": round(float(source["duration"]), 3),
             "implausible": source.get("implausible", ""),
+            "detected_language": prediction.get("detected_language", ""),
         })
     return rows
 
@@ -198,6 +208,19 @@ def _flagged_section(rows: Sequence[dict]) -> list[str]:
     return [*lines, *_md_table(["id", "seconds", "reference", "WER %", "why"], body), ""]
 
 
+def _hallucination_section(rows: Sequence[dict]) -> list[str]:
+    """The hypotheses `loop.hallucination` flags (loops, far too long, too compressible, empty), worst first."""
+    worst = worst_hallucinations(rows, WORST_HALLUCINATIONS)
+    if not worst:
+        return []
+    lines = ["## Hallucinations", "",
+             f"Hypotheses that loop, run past twice their reference's length, compress beyond Whisper's 2.4 or come "
+             f"out empty, worst first (up to {WORST_HALLUCINATIONS}; the rates are in the summary).", ""]
+    body = [[row.get("id", row.get("index")), row["reference"], row["hypothesis"], ", ".join(row["flags"]),
+             row["repeated"]] for row in worst]
+    return [*lines, *_md_table(["id", "reference", "hypothesis", "flags", "repeated n-gram"], body), ""]
+
+
 def write_report_md(path: str | Path, summary: dict, predictions: Sequence[dict],
                     compare: Sequence[dict] | None = None) -> Path:
     """The report: summary, WER by duration bucket, the most frequent word errors, and with `compare` (model B's
@@ -211,6 +234,7 @@ def write_report_md(path: str | Path, summary: dict, predictions: Sequence[dict]
     lines += ["Rates are corpus-level percentages; the normalized ones after removing punctuation and case "
               "(Devanagari vowel signs are kept).", ""]
     lines += _flagged_section(predictions)
+    lines += _hallucination_section(predictions)
     lines += ["## WER by duration", "", *_bucket_table(predictions, compare), ""]
     lines += ["## Word errors", "", *_error_tables(predictions, " (A)" if compare is not None else ""), ""]
     if compare is not None:
@@ -333,6 +357,13 @@ def write_report_html(path: str | Path, summary: dict, predictions: Sequence[dic
     if others is not None:
         body = [cells if len(cells) == len(header) else cells + ["<td></td>", "<td></td>"] for cells in body]
     language = html.escape(str(summary.get("decoding", {}).get("language", "")))
+    worst = worst_hallucinations(predictions, WORST_HALLUCINATIONS)
+    hallucinations = "" if not worst else "<h2>Hallucinations</h2>\n" + _html_table(
+        ["id", "audio", "reference", "hypothesis", "flags"],
+        [[f"<td>{html.escape(str(row['id']))}</td>", f"<td>{audio_element(row.get('audio_path'))}</td>",
+          f'<td class="text">{html.escape(row["reference"])}</td>',
+          f'<td class="text">{mark_errors(row["reference"], row["hypothesis"])}</td>',
+          f"<td>{html.escape(', '.join(row['flags']))}</td>"] for row in worst])
     title = html.escape(f"Evaluation: {summary.get('model', 'model')} on {summary.get('split', 'split')}")
     page = f"""<!doctype html>
 <html lang="{language}">
@@ -344,6 +375,7 @@ def write_report_html(path: str | Path, summary: dict, predictions: Sequence[dic
 <span class="ins">inserted</span> <span class="del">deleted (reference word)</span></p>
 <p class="legend">Audio embedded for {len(with_audio)} of {playable} utterances with a playable clip (highest WER
 first, up to {max_audio_mb:g} MB of clips; scripts/evaluate.py --html_audio_mb changes the limit).</p>
+{hallucinations}
 {_html_table(header, body)}
 </body>
 </html>

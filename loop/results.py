@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loop.disk_space import reporting_save_failure
 from loop.files import write_json_atomic
+from loop.guard_sets import guard_summary
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "soundfile", "soxr", "jiwer", "tokenizers")
 RESULTS_FILE = "results.json"
@@ -45,6 +46,9 @@ def build_results(config, state, test_metrics: dict, *, selection_split: str, da
         "test_by_window": {window: {key: metrics[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer")}
                            for window, metrics in (test_by_window or {}).items()},
         "selection_split": selection_split,
+        "selection_language_id": _first_and_best(state, "language_id"),
+        "selection_loop_share": _first_and_best(state, "loop_share"),
+        "guard_sets": guard_summary(state.evaluations, state.best_step),
         "selection_leaks_test": config.eval.select_on == "test",
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_steps,
@@ -59,6 +63,13 @@ def build_results(config, state, test_metrics: dict, *, selection_split: str, da
         "data": data_report,
         "versions": package_versions(),
     }
+
+
+def _first_and_best(state, key: str) -> dict:
+    """{"initial": `key` at the first evaluation, "best": at the best step} on the selection split."""
+    evaluations = state.evaluations
+    best = next((entry for entry in evaluations if entry["step"] == state.best_step), None)
+    return {"initial": evaluations[0].get(key) if evaluations else None, "best": best.get(key) if best else None}
 
 
 def _rate(count: int, seconds: float) -> float | None:

@@ -8,7 +8,7 @@ decides how it decodes, here as in the loop and the demo, unless the command lin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -18,15 +18,18 @@ from loop.accelerator import build_accelerator, resolve_mixed_precision
 from loop.config import ConfigError, RunConfig
 from loop.config_loading import parse_overrides
 from loop.data import build_eval_split
+from loop.decoding_options import OPTION_NAMES, describe, override_decoding_options
 from loop.encoder_window import saved_encoder_window
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic
+from loop.hallucination import worst_hallucinations
 from loop.loaders import eval_dataloader
 from loop.model import load_for_inference
 from loop.prepare import SplitReport
 from loop.report import (
     DEFAULT_HTML_AUDIO_MB,
+    WORST_HALLUCINATIONS,
     utterance_rows,
     write_predictions_jsonl,
     write_report_html,
@@ -35,7 +38,9 @@ from loop.report import (
 from loop.run_lock import refuse_inside_running_run
 from loop.sources import DataError
 
-METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "num_utterances", "num_failed")
+METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "language_id", "insertion_rate", "loop_share",
+               "long_share", "compressible_share", "reference_compressible_share", "empty_share",
+               "hallucination_counts", "num_utterances", "num_failed")
 
 
 @dataclass
@@ -48,13 +53,17 @@ class DecodeOverrides:
     max_length: int | None = None
     encoder_window: str | None = None
     """`full` or `dynamic`; None: the window the model was trained with (its config.json records it)."""
+    options: dict = field(default_factory=dict)
+    """The anti-hallucination options typed (`eval.no_repeat_ngram_size`, ...: `loop.decoding_options`)."""
 
     @classmethod
     def from_command_line(cls, language: str | None, task: str | None, num_beams: int | None,
-                          overrides: list[str], encoder_window: str | None = None) -> DecodeOverrides:
+                          overrides: list[str], encoder_window: str | None = None,
+                          eval_config=None) -> DecodeOverrides:
         """`--language/--task/--num_beams/--encoder_window`, else the same settings given as `--model.language`,
         `--model.task`, `--eval.generation_num_beams`, `--eval.generation_max_length`, `--model.encoder_window`
-        (a preset's values do not override the model folder: only what the user typed does)."""
+        and the options of `loop.decoding_options` as `--eval.<name>`, their values from `eval_config` (the checked
+        configuration) (a preset's values do not override the model folder: only what the user typed does)."""
         typed, _ = parse_overrides(overrides)
         model, evaluation = typed.get("model", {}), typed.get("eval", {})
         beams = num_beams if num_beams is not None else evaluation.get("generation_num_beams")
@@ -65,6 +74,8 @@ class DecodeOverrides:
             num_beams=int(beams) if beams is not None else None,
             max_length=int(max_length) if max_length is not None else None,
             encoder_window=encoder_window or model.get("encoder_window"),
+            options={name: getattr(eval_config, name) for name in OPTION_NAMES if name in evaluation}
+            if eval_config is not None else {},
         )
 
 
@@ -79,7 +90,8 @@ class ModelEvaluation:
 def decoding_settings(model) -> dict:
     settings = model.generation_config
     return {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams or 1,
-            "max_length": settings.max_length, "encoder_window": saved_encoder_window(model)[0]}
+            "max_length": settings.max_length, "encoder_window": saved_encoder_window(model)[0],
+            **{name: value for name, value in describe(settings).items() if value}}
 
 
 def summary_metrics(name: str, split: str, result: EvalResult, report: SplitReport, model,
@@ -153,10 +165,12 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
                          batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
     """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
     `loop.evaluation.evaluate` (on `same_as`'s utterances if given)."""
+    settings = {key: value for key, value in asdict(decode).items() if key != "options"}
     model, processor = load_for_inference(
-        name, **asdict(decode), fallback_language=config.model.language,
+        name, **settings, fallback_language=config.model.language,
         attn_implementation=config.model.attn_implementation,
     )
+    override_decoding_options(model.generation_config, decode.options)
     split = prepare_split(config, model, processor, accelerator, same_as)
     loader = accelerator.prepare(eval_dataloader(split.table, batch_size, model.config.decoder_start_token_id))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
@@ -164,7 +178,9 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
                       model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}")
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
-    return ModelEvaluation(metrics, utterance_rows(result.predictions, split.table)), split
+    rows = utterance_rows(result.predictions, split.table)
+    metrics["worst_hallucinations"] = worst_hallucinations(rows, WORST_HALLUCINATIONS)
+    return ModelEvaluation(metrics, rows), split
 
 
 def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,

@@ -33,6 +33,14 @@ from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic, write_text_atomic
+from loop.guard_sets import (
+    PreparedGuardSet,
+    attach_loaders,
+    build_guard_sets,
+    evaluate_guard_sets,
+    guard_figures,
+    language_id_drops,
+)
 from loop.loaders import eval_dataloader, train_dataloader
 from loop.lora import trainable_summary
 from loop.loss import IGNORE_INDEX, token_losses
@@ -66,6 +74,8 @@ class Run:
     """The model's log-mel features, computed per batch on the accelerator."""
     augmenter: Augmenter
     """Speed, noise and gain on the training audio (`augment.*`), seeded per step; off by default."""
+    guards: list[PreparedGuardSet]
+    """`eval.guard_sets`, prepared, each with its evaluation DataLoader."""
 
 
 class StopRequested:
@@ -117,9 +127,11 @@ def setup(config: RunConfig) -> Run:
     accelerator.print(augmenter.describe())
     with accelerator.main_process_first():  # the main process fills the data cache, the others read it
         data = build_datasets(config, processor, model.config.max_target_positions)
+        guards = build_guard_sets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
         data.write_report(config.output_dir)
     train_loader, selection_loader, test_loader = get_dataloaders(config, data, model)
+    attach_loaders(guards, config, model.config.decoder_start_token_id, accelerator)
     optimizer = build_optimizer(model, config.train)
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
     if config.train.torch_compile:
@@ -150,9 +162,11 @@ def setup(config: RunConfig) -> Run:
         for part in data.train_parts[1:]:  # the data.mix sources, each with its own report
             accelerator.print(data.reports[part.name].summary() + f"  [{part.share:.0%} of each epoch's rows]")
         accelerator.print(data.reports["selection"].summary() + f"  [{data.selection_split}]")
+        for prepared in guards:
+            accelerator.print(prepared.report.summary() + f"  [guard set {prepared.guard.name}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state, log_mel, augmenter)
+               test_loader, data, state, log_mel, augmenter, guards)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -307,7 +321,8 @@ def optimizer_step(run: Run, batches) -> StepFigures:
 
 
 def run_selection_eval(run: Run) -> EvalResult:
-    """Evaluates on the selection split, logs it, and writes `best/` when the WER is the best so far."""
+    """Evaluates on the selection split and the guard sets, logs them, and writes `best/` when the selection WER
+    is the best so far (guard sets never choose the model)."""
     config, accelerator, state = run.config, run.accelerator, run.state
     references = run.data.selection["text"]
     result = evaluate(run.model, run.selection_loader, accelerator, run.processor.tokenizer, references,
@@ -319,8 +334,12 @@ def run_selection_eval(run: Run) -> EvalResult:
     if improved:
         state.best_wer, state.best_step = wer, state.step
         write_best_model(accelerator, run.model, run.processor, config.output_dir)
-    state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds})
+    guard_results = evaluate_guard_sets(run.model, run.guards, accelerator, run.processor.tokenizer,
+                                        log_mel=run.log_mel, step=state.step)
+    state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds,
+                              "guards": {name: guard_figures(guard.metrics) for name, guard in guard_results.items()}})
     log_evaluation(run, result, improved)
+    log_guard_sets(run, guard_results)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
         lines = [json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n"
@@ -329,9 +348,13 @@ def run_selection_eval(run: Run) -> EvalResult:
     return result
 
 
+HALLUCINATION_FIGURES = ("insertion_rate", "loop_share", "long_share", "compressible_share", "empty_share")
+
+
 def log_evaluation(run: Run, result: EvalResult, improved: bool) -> None:
     accelerator, state, m = run.accelerator, run.state, result.metrics
-    values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss")}
+    values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss",
+                                                 "language_id", *HALLUCINATION_FIGURES) if key in m}
     values["eval/seconds"] = result.seconds
     accelerator.log(values, step=state.step)
     if not accelerator.is_main_process:
@@ -339,7 +362,9 @@ def log_evaluation(run: Run, result: EvalResult, improved: bool) -> None:
     split = run.data.selection_split
     accelerator.print(
         f"eval step {state.step} on {split}: WER {m['wer']:.2f}  CER {m['cer']:.2f}  normalized WER "
-        f"{m['normalized_wer']:.2f}  loss {m['loss']:.4f}  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
+        f"{m['normalized_wer']:.2f}  loss {m['loss']:.4f}  loops {m['loop_share']:.1f}%"
+        + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "")
+        + f"  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
     )
     if run.config.train.report_to == "tensorboard":
         shown = result.predictions[: run.config.eval.num_logged_examples]
@@ -347,6 +372,23 @@ def log_evaluation(run: Run, result: EvalResult, improved: bool) -> None:
             f"| {p['reference']} | {p['hypothesis']} |" for p in shown
         )
         accelerator.get_tracker("tensorboard").tracker.add_text("eval/examples", table, state.step)
+
+
+def log_guard_sets(run: Run, results: dict[str, EvalResult]) -> None:
+    """Each guard set's figures (TensorBoard `guard/<name>/...`, one log line each), and a warning when language
+    detection has fallen since step 0."""
+    accelerator, state = run.accelerator, run.state
+    for name, result in results.items():
+        m = result.metrics
+        accelerator.log({f"guard/{name}/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "language_id",
+                                                                  *HALLUCINATION_FIGURES) if key in m}, step=state.step)
+        accelerator.print(
+            f"  guard {name}: WER {m['wer']:.2f}  normalized WER {m['normalized_wer']:.2f}  "
+            f"loops {m['loop_share']:.1f}%"
+            + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "") + f"  ({result.seconds:.1f} s)"
+        )
+    for warning in language_id_drops(state.evaluations, run.config.eval.language_id_drop_warning):
+        accelerator.print(f"warning: {warning}")
 
 
 def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:
@@ -392,6 +434,8 @@ def finish(run: Run) -> dict:
             f"{config.data.eval_split} WER of best/ "
             + ", ".join(f"{metrics['wer']:.2f} ({window} window)" for window, metrics in by_window.items())
             + ("  [recipe mode: the test split also chose the model]" if config.eval.select_on == "test" else "")
+            + "".join(f"; guard {name} WER {g['initial']['wer']:.2f} at step {g['initial_step']} -> "
+                      f"{g['best']['wer']:.2f} at the best step" for name, g in results["guard_sets"].items())
         )
     accelerator.end_training()
     return results

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, checked, args.output_dir)
         decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides,
-                                                   args.encoder_window)
+                                                   args.encoder_window, config.eval)
         metrics = run_evaluation(config, args.model, compare=args.compare, decode=decode, batch_size=args.batch_size,
                                  mixed_precision=args.mixed_precision, html=args.html,
                                  html_audio_mb=args.html_audio_mb)

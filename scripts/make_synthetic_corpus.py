@@ -1,12 +1,17 @@
-"""Synthesize a small Hindi corpus in Common Voice's release layout, offline, with espeak-ng.
+"""Synthesize a small corpus (Hindi by default) in Common Voice's release layout, offline, with espeak-ng.
 
 Writes `<output>/<version-name>/<locale>/` with `clips/*.mp3` (mono, 48 kHz, constant bitrate, like real Common
 Voice clips), `train.tsv`, `dev.tsv`, `test.tsv`, `validated.tsv` (the three splits' rows) and `clip_durations.tsv`.
 Sentences are shuffled with the seed and split into disjoint sets; every train sentence is read by one or two
-synthetic speakers, every dev and test sentence by one. A speaker is a fixed espeak-ng Hindi voice variant, speed
+synthetic speakers, every dev and test sentence by one. A speaker is a fixed espeak-ng voice variant (of the --voice language), speed
 and pitch. The same seed gives the same speakers, splits, rows and file names (MP3 bytes may differ by encoder).
 
     python scripts/make_synthetic_corpus.py --sentences assets/hindi_sentences.txt --output assets --overwrite
+
+The English guard set (`eval.guard_sets` in the quickstart preset: what fine-tuning on Hindi costs in English):
+
+    python scripts/make_synthetic_corpus.py --sentences assets/english_sentences.txt --locale en \
+        --test-sentences 40 --dev-sentences 2 --speakers 4 --overwrite
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="UTF-8 text file, one sentence per line")
     parser.add_argument("--output", type=Path, default=Path("assets"), help="folder that receives the release")
     parser.add_argument("--version-name", default="cv-corpus-17.0-synthetic", help="name of the release folder")
-    parser.add_argument("--locale", default="hi", help="locale folder and `locale` column; the voice is always hi")
+    parser.add_argument("--locale", default="hi", help="locale folder and `locale` column")
+    parser.add_argument("--voice", default="",
+                        help="espeak-ng voice language (`espeak-ng --voices`); empty: the locale (hi, en, ...)")
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--speakers", type=int, default=8, help="number of synthetic speakers")
     parser.add_argument("--test-sentences", type=int, default=30)
@@ -108,7 +115,7 @@ def read_sentences(path: Path) -> list[str]:
     return sentences
 
 
-def make_speakers(count: int, rng: random.Random) -> list[Speaker]:
+def make_speakers(count: int, rng: random.Random, language: str = "hi") -> list[Speaker]:
     """`count` speakers alternating male and female, each a distinct voice variant while variants last."""
     males, females = rng.sample(MALE_VARIANTS, len(MALE_VARIANTS)), rng.sample(FEMALE_VARIANTS, len(FEMALE_VARIANTS))
     speakers = []
@@ -116,9 +123,9 @@ def make_speakers(count: int, rng: random.Random) -> list[Speaker]:
         pool, gender = (males, "male_masculine") if index % 2 == 0 else (females, "female_feminine")
         variant = pool[(index // 2) % len(pool)]
         speed, pitch = rng.randint(*SPEED_RANGE), rng.randint(*PITCH_RANGE)
-        identity = f"whisper-loop synthetic speaker {index}: hi+{variant} s{speed} p{pitch}"
+        identity = f"whisper-loop synthetic speaker {index}: {language}+{variant} s{speed} p{pitch}"
         client_id = hashlib.sha256(identity.encode()).hexdigest()
-        speakers.append(Speaker(client_id, f"hi+{variant}", speed, pitch, gender, rng.choice(AGES)))
+        speakers.append(Speaker(client_id, f"{language}+{variant}", speed, pitch, gender, rng.choice(AGES)))
     return speakers
 
 
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     require_espeak()
     rng = random.Random(args.seed)
     sentences = read_sentences(args.sentences)
-    speakers = make_speakers(args.speakers, rng)
+    speakers = make_speakers(args.speakers, rng, args.voice or args.locale)
     clips = assign_clips(split_sentences(sentences, args.test_sentences, args.dev_sentences, rng), speakers,
                          args.locale, rng)
     release = prepare_folder(args.output / args.version_name / args.locale, args.overwrite)

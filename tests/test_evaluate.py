@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from loop.hallucination import hallucination_metrics, utterance_flags
 from loop.metrics import error_rates
 from loop.model import load_for_inference
 from loop.report import read_predictions_jsonl
@@ -53,6 +54,15 @@ def test_writes_consistent_metrics_predictions_and_report(evaluated, decoding_ch
     assert len({r["hypothesis"] for r in rows}) > 1  # the checkpoint says something different for each clip
     report = (evaluated / "report.md").read_text(encoding="utf-8")
     assert f"| WER % | {metrics['wer']:.2f} |" in report and "## WER by duration" in report
+    # Hallucination figures and language ID, from the same decoding as the WER.
+    recounted = hallucination_metrics([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+    for key in ("insertion_rate", "loop_share", "long_share", "compressible_share", "empty_share"):
+        assert metrics[key] == pytest.approx(recounted[key]), key
+    assert metrics["hallucination_counts"] == recounted["hallucination_counts"]
+    assert 0 <= metrics["language_id"] <= 100 and all(r["detected_language"] for r in rows)
+    assert metrics["language_id"] == pytest.approx(100 * sum(r["detected_language"] == "hi" for r in rows) / len(rows))
+    flagged = [r["id"] for r in rows if utterance_flags(r["reference"], r["hypothesis"]).any]
+    assert sorted(w["id"] for w in metrics["worst_hallucinations"]) == sorted(flagged)[:10] or len(flagged) > 10
 
 
 def test_compare_writes_both_models(evaluated, tiny_model_dir):
@@ -73,7 +83,7 @@ def test_compare_writes_both_models(evaluated, tiny_model_dir):
 
 def test_html_report_embeds_the_audio(evaluated):
     page = (evaluated / "report.html").read_text(encoding="utf-8")
-    assert page.count("<audio controls") == SAMPLES and "data:audio/mpeg;base64," in page
+    assert page.rsplit("<table>", 1)[1].count("<audio controls") == SAMPLES and "data:audio/mpeg;base64," in page
     assert f"Audio embedded for {SAMPLES} of {SAMPLES} utterances" in page  # 8 short clips: within the 50 MB default
     assert "hypothesis (B)" in page
 

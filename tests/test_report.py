@@ -164,3 +164,21 @@ def test_report_html_embeds_audio_up_to_its_budget_worst_first(tmp_path, rows):
     none = write_report_html(tmp_path / "none.html", SUMMARY, rows, max_audio_mb=0).read_text(encoding="utf-8")
     assert "<audio controls" not in none and f"Audio embedded for 0 of {len(rows)}" in none
     assert len(none) < 10_000 < len(page)
+
+
+def test_report_lists_the_hallucinations_worst_first_with_audio(tmp_path, rows):
+    looped = row(4, "चलो चलें", "चलो चलें चलें चलें चलें", 2.0, rows[0]["audio_path"])
+    empty = row(5, "राम आया", "", 1.0)
+    predictions = [*rows, looped, empty]
+    report = write_report_md(tmp_path / "report.md", SUMMARY, predictions).read_text(encoding="utf-8")
+    section = report.split("## Hallucinations")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| utt")]
+    # Loops first; row 3 (two inserted words on two) is "long" only at more than twice its length, so not here.
+    assert [line.split(" | ")[0] for line in lines] == ["| utt4", "| utt5"]
+    assert "loop, long" in lines[0] and "| चलें |" in lines[0] and "| empty |" in lines[1]
+    page = write_report_html(tmp_path / "report.html", SUMMARY, predictions, max_audio_mb=0).read_text(encoding="utf-8")
+    worst = page.split("<h2>Hallucinations</h2>")[1].split("</table>")[0]
+    assert worst.count("<audio controls") == 1  # the looped row's clip, embedded whatever the page's audio budget
+    assert "No hallucination" not in report
+    clean = write_report_md(tmp_path / "clean.md", SUMMARY, rows[:2]).read_text(encoding="utf-8")
+    assert "## Hallucinations" not in clean
