@@ -183,25 +183,28 @@ def build_recordings(rows: Sequence[dict], options: LongFormOptions, split: str,
 
 # --- audio ------------------------------------------------------------------------------------------------------
 
-def table_clips(table) -> list[dict]:
-    """The prepared table's rows as `build_recordings` takes them, with their audio as the cache holds it (int16
-    `audio` and its `audio_scale`, 2 bytes a sample: a 4-hour split takes 460 MB)."""
+def plan_recordings(table, processor, options: LongFormOptions, split: str) -> Recordings:
+    """The recordings `evaluate_long_form` will decode from the prepared `table`, without reading any audio (a
+    clip's samples come from its `duration`, len / 16000 in float32: exact to a hundredth of a sample), or the
+    DataError that says why there can be none. Cheap, so every process runs it and fails alike."""
+    problems = options.problems(float(processor.feature_extractor.chunk_length))
+    if problems:
+        raise DataError("--long_form: " + "; ".join(problems))
+    info = table.select_columns(["id", "client_id", "text", "duration"])
+    rows = [{"id": row["id"], "client_id": row["client_id"] or "", "text": row["text"],
+             "samples": round(row["duration"] * SAMPLE_RATE)} for row in info]
+    return build_recordings(rows, options, split)
+
+
+def recording_audio(recording: Recording, table) -> np.ndarray:
+    """The recording's 16-kHz waveform: its clips' audio, read from the prepared table when it is decoded (only a
+    batch of recordings is ever in memory), at their offsets, silence in the gaps."""
     from loop.loaders import Rows  # the Arrow reader of the loaders: int16 audio without a copy to int64
 
-    rows = Rows(table).__getitems__(list(range(len(table))))
-    info = table.select_columns(["id", "client_id", "text"])
-    return [{"id": meta["id"], "client_id": meta["client_id"] or "", "text": meta["text"],
-             "samples": len(row["audio"]), "audio": row["audio"], "audio_scale": row["audio_scale"]}
-            for row, meta in zip(rows, info)]
-
-
-def recording_audio(recording: Recording, clips: Sequence[dict]) -> np.ndarray:
-    """The recording's 16-kHz waveform: its clips' audio at their offsets, silence in the gaps. Built when it is
-    decoded, so only a batch of recordings is ever held as float32."""
     waveform = np.zeros(recording.samples, dtype=np.float32)
-    for clip in recording.clips:
-        source = clips[clip.row]
-        waveform[clip.start:clip.end] = dequantize(source["audio"], source["audio_scale"])
+    rows = Rows(table).__getitems__([clip.row for clip in recording.clips])
+    for clip, row in zip(recording.clips, rows):
+        waveform[clip.start:clip.end] = dequantize(row["audio"], row["audio_scale"])
     return waveform
 
 
@@ -306,20 +309,19 @@ def chunked_transcripts(model, processor, waveform: Callable[[int], np.ndarray],
 # --- the evaluation ---------------------------------------------------------------------------------------------
 
 def evaluate_long_form(model, processor, table, options: LongFormOptions, split: str, language: str | None,
-                       batch_size: int, clip_predictions: Sequence[dict] | None = None) -> tuple[dict, list[dict]]:
-    """Builds recordings from the prepared `table` (in split order), transcribes them both ways and scores both.
+                       batch_size: int, clip_predictions: Sequence[dict] | None = None,
+                       built: Recordings | None = None) -> tuple[dict, list[dict]]:
+    """Builds recordings from the prepared `table` (in split order; `built`: `plan_recordings`' result, already
+    computed), transcribes them both ways and scores both.
     Returns the `long_form` entry of metrics.json and one row per recording for long_form_predictions.jsonl.
     With `clip_predictions` (the clips decoded one by one: `index` in `table`, `reference`, `hypothesis`), the
     entry also holds their rates over the clips the recordings use (`clip_wer`, ...), the baseline of both."""
     window_s = float(processor.feature_extractor.chunk_length)
-    problems = options.problems(window_s)
-    if problems:
-        raise DataError("--long_form: " + "; ".join(problems))
-    clips = table_clips(table)
-    built = build_recordings(clips, options, split)
+    built = built or plan_recordings(table, processor, options, split)
     recordings = built.recordings
+
     def waveform(i: int) -> np.ndarray:
-        return recording_audio(recordings[i], clips)
+        return recording_audio(recordings[i], table)
 
     sequential, sequential_windows = sequential_transcripts(model, processor, waveform, len(recordings), batch_size,
                                                             options.fallback)

@@ -23,7 +23,7 @@ from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
 from loop.files import write_json_atomic
 from loop.loaders import eval_dataloader
-from loop.long_form import LongFormOptions, evaluate_long_form
+from loop.long_form import LongFormOptions, evaluate_long_form, plan_recordings
 from loop.model import load_for_inference
 from loop.prepare import SplitReport
 from loop.report import (
@@ -187,11 +187,13 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     if compare:
         second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split)
         first.metrics["compare"] = second.metrics
-    if long_form is not None and accelerator.is_main_process:
+    # Planned on every process, so a split too short for one recording stops them all; decoded on the main one.
+    plan = plan_recordings(split.table, split.processor, long_form, config.data.eval_split) if long_form else None
+    if plan is not None and accelerator.is_main_process:
         with accelerator.autocast():
             first.metrics["long_form"], first.long_form_rows = evaluate_long_form(
                 first.model, split.processor, split.table, long_form, config.data.eval_split,
-                first.model.generation_config.language, batch_size, clip_predictions=first.rows)
+                first.model.generation_config.language, batch_size, clip_predictions=first.rows, built=plan)
     if accelerator.is_main_process:
         write_outputs(Path(config.output_dir), first, second, html, html_audio_mb)
     accelerator.wait_for_everyone()

@@ -64,9 +64,9 @@ def test_too_few_clips_name_the_split_the_count_the_seconds_and_the_way_out():
     assert "--long_form_min_s" in message and "--data.max_eval_samples=0" in message
     with pytest.raises(DataError, match="no room above --long_form_min_s 6 .* at least 9.5"):
         build_recordings(clips * 3, LongFormOptions(min_s=6, max_s=7, gap_s=0.5), "test", sampling_rate=RATE)
-    assert LongFormOptions(min_s=30).problems(30.0) == [
+    assert LongFormOptions(min_s=30).problems(30.0) == [(
         "--long_form_min_s 30 must be longer than the model's 30-s window (a recording within one window is not "
-        "long-form)"]
+        "long-form)")]
     assert len(LongFormOptions(min_s=40, max_s=35, gap_s=-1, boundary_words=0).problems(30.0)) == 3
 
 
@@ -76,7 +76,7 @@ def test_boundary_times_map_to_reference_words_through_the_clip_offsets():
 
 
 def test_boundary_errors_count_lost_inserted_and_repeated_words_near_boundaries_only():
-    reference = "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9".split()
+    reference = [f"w{i}" for i in range(10)]
     # boundary before w5 (zone: w3 to w6): w3 lost, w6 written twice; far from it, w0 lost and "x" inserted
     hypothesis = "w1 w2 w4 w5 w6 w6 w7 w8 x w9"
     counts = boundary_errors(reference, hypothesis, positions=[5], n=2)
