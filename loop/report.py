@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loop.hallucination import worst_hallucinations
+from loop.long_form_metrics import long_form_report_lines
 from loop.metrics import aligned_ops, alignment_counts, error_rates, utterance_error_rates
 
 # (label, lower bound inclusive, upper bound exclusive), seconds of audio
@@ -240,6 +241,8 @@ def write_report_md(path: str | Path, summary: dict, predictions: Sequence[dict]
     if compare is not None:
         lines += [*_error_tables(compare, " (B)"), ""]
         lines += ["## Where the two models differ most", "", *_differences_table(predictions, compare), ""]
+    if summary.get("long_form"):
+        lines += long_form_report_lines(summary["long_form"])
     path = Path(path)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

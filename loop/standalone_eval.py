@@ -25,6 +25,7 @@ from loop.features import LogMel
 from loop.files import write_json_atomic
 from loop.hallucination import worst_hallucinations
 from loop.loaders import eval_dataloader
+from loop.long_form import LongFormOptions, evaluate_long_form, plan_recordings
 from loop.model import load_for_inference
 from loop.prepare import SplitReport
 from loop.report import (
@@ -81,10 +82,14 @@ class DecodeOverrides:
 
 @dataclass
 class ModelEvaluation:
-    """One model's result on the split: `metrics` as written to metrics.json, `rows` as in predictions.jsonl."""
+    """One model's result on the split: `metrics` as written to metrics.json, `rows` as in predictions.jsonl;
+    `model`, the model as loaded (for the long-form evaluation), and `long_form_rows` as in
+    long_form_predictions.jsonl (with `--long_form`)."""
 
     metrics: dict
     rows: list[dict]
+    model: object = None
+    long_form_rows: list[dict] = field(default_factory=list)
 
 
 def decoding_settings(model) -> dict:
@@ -180,15 +185,17 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
     rows = utterance_rows(result.predictions, split.table)
     metrics["worst_hallucinations"] = worst_hallucinations(rows, WORST_HALLUCINATIONS)
-    return ModelEvaluation(metrics, rows), split
+    return ModelEvaluation(metrics, rows, model), split
 
 
 def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,
                    decode: DecodeOverrides | None = None, batch_size: int | None = None,
                    mixed_precision: str | None = None, html: bool = False,
-                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB) -> dict:
+                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB, long_form: LongFormOptions | None = None) -> dict:
     """Evaluates `model_name` (and `compare`, on the same utterances) and, on the main process, writes
-    metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. Returns the metrics."""
+    metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. With `long_form`, the
+    first model also transcribes long recordings joined from the split's clips (`loop.long_form`, on the main
+    process), under the `long_form` key of its metrics, with long_form_predictions.jsonl. Returns the metrics."""
     decode = decode or DecodeOverrides()
     batch_size = batch_size or config.eval.per_device_eval_batch_size
     inside_run = refuse_inside_running_run(config.output_dir)  # that run owns its folder until it ends
@@ -200,6 +207,13 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     if compare:
         second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split)
         first.metrics["compare"] = second.metrics
+    # Planned on every process, so a split too short for one recording stops them all; decoded on the main one.
+    plan = plan_recordings(split.table, split.processor, long_form, config.data.eval_split) if long_form else None
+    if plan is not None and accelerator.is_main_process:
+        with accelerator.autocast():
+            first.metrics["long_form"], first.long_form_rows = evaluate_long_form(
+                first.model, split.processor, split.table, long_form, config.data.eval_split,
+                first.model.generation_config.language, batch_size, clip_predictions=first.rows, built=plan)
     if accelerator.is_main_process:
         write_outputs(Path(config.output_dir), first, second, html, html_audio_mb)
     accelerator.wait_for_everyone()
@@ -215,6 +229,8 @@ def write_outputs(output_dir: Path, first: ModelEvaluation, second: ModelEvaluat
     compare_rows = second.rows if second is not None else None
     if second is not None:
         written.append(write_predictions_jsonl(output_dir / "compare_predictions.jsonl", second.rows))
+    if first.long_form_rows:
+        written.append(write_predictions_jsonl(output_dir / "long_form_predictions.jsonl", first.long_form_rows))
     written.append(write_report_md(output_dir / "report.md", first.metrics, first.rows, compare_rows))
     if html:
         written.append(write_report_html(output_dir / "report.html", first.metrics, first.rows, compare_rows,

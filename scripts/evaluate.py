@@ -7,6 +7,10 @@ Decodes with the model folder's saved settings (language, task, max length, beam
 --num_beams (or --eval.generation_max_length) say otherwise. Data options come from --config PRESET and any
 --section.key=value (`--help` lists them). `accelerate launch --num_processes N scripts/evaluate.py ...` splits
 the work and gives the single-process result.
+
+--long_form also joins the split's clips into recordings of --long_form_min_s to --long_form_max_s seconds (a
+speaker's clips together where possible) and transcribes them with Whisper's sequential long-form generation and
+with the pipeline's chunked decoding, scored side by side (loop/long_form.py; on the main process only).
 """
 
 import argparse
@@ -17,6 +21,14 @@ from accelerate import PartialState
 from loop.cli import make_parser, one_line
 from loop.config import ConfigError
 from loop.config_loading import load_config
+from loop.long_form import (
+    DEFAULT_BOUNDARY_WORDS,
+    DEFAULT_GAP_S,
+    DEFAULT_MAX_S,
+    DEFAULT_MIN_S,
+    LongFormOptions,
+)
+from loop.long_form import summary_line as long_form_line
 from loop.model import ModelLoadError
 from loop.report import DEFAULT_HTML_AUDIO_MB
 from loop.sources import DataError
@@ -41,6 +53,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="utterances per process per batch (default: eval.per_device_eval_batch_size)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                         help="fp16/bf16 need a GPU (default: no, or accelerate launch's setting)")
+    long_form = parser.add_argument_group("long-form transcription")
+    long_form.add_argument("--long_form", action="store_true",
+                           help="also transcribe long recordings joined from the split's clips, sequential long-form "
+                                "against chunked decoding (metrics.json's long_form, long_form_predictions.jsonl)")
+    long_form.add_argument("--long_form_min_s", type=float, default=DEFAULT_MIN_S,
+                           help="shortest recording in seconds, over the model's window (default: %(default)g)")
+    long_form.add_argument("--long_form_max_s", type=float, default=DEFAULT_MAX_S,
+                           help="longest recording in seconds (default: %(default)g)")
+    long_form.add_argument("--long_form_gap_s", type=float, default=DEFAULT_GAP_S,
+                           help="seconds of silence between joined clips (default: %(default)g)")
+    long_form.add_argument("--long_form_boundary_words", type=int, default=DEFAULT_BOUNDARY_WORDS,
+                           help="reference words on each side of a window boundary whose deletions and insertions "
+                                "count as lost or repeated there (default: %(default)d)")
+    long_form.add_argument("--long_form_fallback", action="store_true",
+                           help="sequential decoding with OpenAI's temperature fallback and conditioning on the "
+                                "previous text (samples: figures vary from run to run); default greedy without them")
     args, overrides = parser.parse_known_args(argv)
     if args.html_audio_mb < 0:
         parser.error(f"--html_audio_mb must be 0 or more, got {args.html_audio_mb:g}")
@@ -58,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, checked, args.output_dir)
         decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides,
                                                    args.encoder_window, config.eval)
+        long_form = (LongFormOptions(args.long_form_min_s, args.long_form_max_s, args.long_form_gap_s,
+                                     args.long_form_boundary_words, args.long_form_fallback)
+                     if args.long_form else None)
         metrics = run_evaluation(config, args.model, compare=args.compare, decode=decode, batch_size=args.batch_size,
                                  mixed_precision=args.mixed_precision, html=args.html,
-                                 html_audio_mb=args.html_audio_mb)
+                                 html_audio_mb=args.html_audio_mb, long_form=long_form)
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -69,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_line(metrics))
     if "compare" in metrics:
         print(summary_line(metrics["compare"]))
-    written = ["metrics.json", "predictions.jsonl", "report.md", *(["report.html"] if args.html else [])]
+    if "long_form" in metrics:
+        print(long_form_line(metrics["long_form"]))
+    written = ["metrics.json", "predictions.jsonl", *(["compare_predictions.jsonl"] if args.compare else []),
+               *(["long_form_predictions.jsonl"] if args.long_form else []), "report.md",
+               *(["report.html"] if args.html else [])]
     print(f"wrote {', '.join(written)} to {config.output_dir}")
     return 0
 
