@@ -23,7 +23,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
-import torch  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
 from loop.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
@@ -31,6 +30,7 @@ from loop.demo_sources import card_name, example_clips, wav_header_note  # noqa:
 from loop.encoder_window import batch_features  # noqa: E402
 from loop.evaluation import transcribe  # noqa: E402
 from loop.features import LogMel, pad_waveforms  # noqa: E402
+from loop.long_form import transcribe_long  # noqa: E402
 from loop.model import language_code, load_for_inference  # noqa: E402
 
 DEFAULT_MAX_DURATION_S = 600.0  # longest recording or upload the demo transcribes
@@ -92,7 +92,7 @@ class Transcriber:
                 features = batch_features(self.model, self.log_mel, audio)
                 text = transcribe(self.model, features, self.processor.tokenizer)[0]
             else:
-                text = transcribe_long(self.model, self.log_mel, self.processor.tokenizer, audio, progress)
+                text = transcribe_long(self.model, self.log_mel, self.processor.tokenizer, audio, progress=progress)
         return text, time.perf_counter() - started
 
     def load_audio(self, path: str | Path | None) -> np.ndarray:
@@ -160,28 +160,6 @@ def decoding_as(model, language: str | None, task: str | None):
         yield
     finally:
         settings.language, settings.task = saved
-
-
-@torch.no_grad()
-def transcribe_long(model, log_mel: LogMel, tokenizer, audio: torch.Tensor, progress=None) -> str:
-    """Audio (1, samples) longer than the model's window, with Whisper's long-form generation: the features of the
-    whole recording (1, n_mels, frames), untruncated, and their attention mask; generate() moves the window along
-    by the timestamps the model predicts (it needs `no_timestamps_token_id` in the generation config).
-    `progress(share)`, if given, gets the share of frames decoded before each window."""
-    frames = audio.shape[1] // log_mel.hop_length
-    features = log_mel(audio, n_frames=frames, truncate=False)
-    settings = model.generation_config
-
-    def monitor(seek_and_total: torch.Tensor) -> None:  # (batch, 2): the window's first frame, the frames in all
-        seek, total = seek_and_total[0].tolist()
-        progress(min(1.0, seek / max(1, total)))
-
-    token_ids = model.generate(
-        input_features=features, attention_mask=torch.ones((1, frames), dtype=torch.long),
-        language=settings.language, task=settings.task, return_timestamps=True,
-        monitor_progress=monitor if progress is not None else None,
-    )
-    return tokenizer.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
 
 
 def language_choices() -> list[tuple[str, str]]:
