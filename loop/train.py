@@ -37,6 +37,7 @@ from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
+from loop.timestamp_eval import evaluate_timestamps, timestamp_scalars
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 
@@ -304,6 +305,12 @@ def run_selection_eval(run: Run) -> EvalResult:
         write_best_model(accelerator, run.model, run.processor, config.output_dir)
     state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds})
     log_evaluation(run, result, improved)
+    if config.data.timestamp_fraction > 0 and accelerator.is_main_process:
+        # Timestamps too, when training keeps them (main process only: no collectives, the others go on).
+        scores = evaluate_timestamps(accelerator.unwrap_model(run.model), run.processor.tokenizer, run.data.selection,
+                                     run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
+                                     language=config.model.language)
+        accelerator.log(timestamp_scalars(scores), step=state.step)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
         lines = [json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n"
