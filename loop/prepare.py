@@ -45,6 +45,7 @@ from loop.timestamps import (
 PREP_VERSION = 6  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
+NO_TIMESTAMPS = TimestampSettings()  # every row keeps <|notimestamps|>
 
 
 @dataclass
@@ -239,7 +240,7 @@ def join_rows(members: list[Record], ids: list[int]) -> Record:
         implausible="; ".join(member.implausible for member in members if member.implausible),
         utterances=len(members),
         segments=segments,
-        segment_ids=[ids for member in members for ids in member.segment_ids],
+        segment_ids=[text_ids for member in members for text_ids in member.segment_ids],
     )
 
 
@@ -289,7 +290,7 @@ def output_columns(records: list[Record]) -> dict:
 
 
 def _prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
-                   pack_to_seconds: float = 0.0, timestamps: TimestampSettings = TimestampSettings()) -> dict:
+                   pack_to_seconds: float = 0.0, timestamps: TimestampSettings = NO_TIMESTAMPS) -> dict:
     """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and no audio. With
     `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was; with a timestamp
     fraction, that share of the (packed) rows gets timestamped labels."""
@@ -303,6 +304,9 @@ def _prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
         records = pack_batch(records, tokenizer, pack_to_seconds, checks.max_label_length)
     if timestamps.fraction > 0:
         add_timestamps(records, tokenizer, timestamps, checks.max_label_length)
+        first_bad = next((record for record in records if record.skip_reason), None)
+        if strict and first_bad is not None:
+            raise strict_error(first_bad.skip_reason, first_bad.skip_message)
     return output_columns(records)
 
 
@@ -321,7 +325,7 @@ def prepare(
     min_chars_per_second: float = 0.0,
     max_chars_per_second: float = math.inf,
     keep_implausible: bool = False,
-    timestamps: TimestampSettings = TimestampSettings(),
+    timestamps: TimestampSettings = NO_TIMESTAMPS,
 ) -> datasets.Dataset:
     """Decodes, resamples and tokenizes `utterances`; returns only the usable rows.
 

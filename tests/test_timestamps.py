@@ -306,7 +306,7 @@ def test_training_with_a_timestamp_share_learns_timestamps_and_without_it_does_n
     scores = {}
     for fraction in (0.5, 0.0):
         folder = tmp_path / f"share-{fraction}"
-        rows, config = memorising_run(
+        _, config = memorising_run(
             folder, fast_model, session_cache_dir, 8, f"--data.timestamp_fraction={fraction}",
             "--train.per_device_train_batch_size=8", "--train.warmup_steps=10", "--train.max_steps=120",
             "--eval.eval_steps=120", "--train.save_steps=120", "--eval.generation_max_length=64")

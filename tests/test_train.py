@@ -185,13 +185,15 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, sess
 
 AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_probability=0.5",
                      "--augment.gain_probability=0.5", "--model.encoder_window=dynamic", "--train.group_by_length=true",
-                     "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05")
+                     "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05",
+                     "--data.timestamp_fraction=0.5")
 
 
 @pytest.mark.parametrize("extra", [(), AUGMENTED_DYNAMIC], ids=["plain", "augmented-dynamic-grouped"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
-    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches."""
+    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window, length-grouped batches and
+    half the rows timestamped (whose evaluation decodes with timestamps too)."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
               *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
