@@ -159,6 +159,10 @@ class DataConfig:
     """Training rows only: join consecutive utterances into one row of at most this many seconds (30 fills
     Whisper's window, as distil-whisper trains), so a step sees several utterances per row; 0 keeps one utterance
     per row. Selection and test rows are never packed. Measured in README "Speed and memory"."""
+    timestamp_fraction: Share = 0.0
+    """Training rows only: this share of rows (chosen by a hash of train.seed and the row, stored in the prepared
+    cache) is labelled with timestamp tokens instead of `<|notimestamps|>`, one segment per utterance at its speech
+    bounds, so the model keeps predicting timestamps (distil-whisper uses 0.2-0.5); 0: none. README "Timestamps"."""
     num_proc: AtLeastOne = 1
     """Processes for data preparation (decoding, resampling, tokenizing) with `datasets.map`."""
     cache_dir: str = ""

@@ -342,6 +342,11 @@ def config_warnings(config: RunConfig) -> list[str]:
             "train.torch_compile with model.encoder_window=dynamic: the encoder compiles again for every window length "
             "(up to 30 at 1-s multiples); raise model.encoder_window_multiple_s for fewer"
         )
+    if config.data.timestamp_fraction > 0 and config.augment.speed_perturbation:
+        warnings.append(
+            "data.timestamp_fraction with augment.speed_perturbation: the timestamps in the labels are not rescaled "
+            "with the speed, so a sped-up or slowed row's timestamps are off by up to the factor's difference from 1"
+        )
     return warnings + lora_warnings(config)
 
 

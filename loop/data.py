@@ -19,6 +19,7 @@ from loop.mixing import TrainPart, mix_report, mix_training_rows
 from loop.no_speech import add_no_speech_rows
 from loop.prepare import SplitReport, prepare
 from loop.sources import DataError, SkipLog, load_utterances, split_location
+from loop.timestamps import TimestampSettings
 
 
 def speaker_disjoint_slice(utterances: datasets.Dataset, size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -120,7 +121,9 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
     reports = {name: SplitReport(name, skips=skips[name]) for name in skips}
     for name in reports:  # rows skipped while reading count as read
         reports[name].read = sum(skips[name].counts.values())
-    train = (prepare(train_rows, fe, tok, reports["train"], pack_to_seconds=data.pack_to_seconds, **common)
+    timestamps = TimestampSettings(data.timestamp_fraction, config.train.seed)
+    train = (prepare(train_rows, fe, tok, reports["train"], pack_to_seconds=data.pack_to_seconds,
+                     timestamps=timestamps, **common)
              if prepare_train else train_rows)
     if config.eval.select_on == "test":
         # One table and one report: the test split's rows (and its read-time skips) are the selection's.

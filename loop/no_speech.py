@@ -101,6 +101,7 @@ def _no_speech_batch(batch, indices, labels: list[int], clips: list[np.ndarray],
         "audio": audio, "audio_scale": scales, "labels": [labels] * rows,
         "duration": [n / SAMPLE_RATE for n in batch["samples"]],
         "utterances": [0] * rows,  # no utterance in it: the loop's utterance counts stay the speech's
+        "segments": [[] for _ in range(rows)], "timestamped": [False] * rows,  # no speech, no segment
         "skip_reason": [""] * rows, "skip_message": [""] * rows, "implausible": [""] * rows,
         **{name: [""] * rows for name in KEPT_COLUMNS},
         "id": batch["id"], "text": [""] * rows,

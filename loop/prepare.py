@@ -32,8 +32,19 @@ import numpy as np
 from loop.audio import SAMPLE_RATE, AudioError, decode_audio, quantize
 from loop.cache_files import discard_unfinished, is_complete, mark_complete
 from loop.sources import MAX_MESSAGES_PER_REASON, SkipLog, strict_error
+from loop.timestamps import (
+    TimestampSettings,
+    TimestampTokens,
+    quantize_down,
+    quantize_up,
+    segment_text_ids,
+    speech_bounds,
+    timestamp_label_ids,
+    timestamp_label_length,
+    wants_timestamps,
+)
 
-PREP_VERSION = 5  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 6  # bump when _prepare_batch changes what it writes, so old caches are not reused
 KEPT_COLUMNS = ("id", "audio_path", "text", "client_id")
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 PREPARED_FEATURES = datasets.Features(  # what `prepare` writes; `loop.no_speech` writes the same columns
@@ -43,12 +54,15 @@ PREPARED_FEATURES = datasets.Features(  # what `prepare` writes; `loop.no_speech
         "labels": datasets.List(datasets.Value("int32")),
         "duration": datasets.Value("float32"),
         "utterances": datasets.Value("int32"),
+        "segments": datasets.List(datasets.List(datasets.Value("float32"))),
+        "timestamped": datasets.Value("bool"),
         "skip_reason": datasets.Value("string"),
         "skip_message": datasets.Value("string"),
         "implausible": datasets.Value("string"),
         **{name: datasets.Value("string") for name in KEPT_COLUMNS},
     }
 )
+NO_TIMESTAMPS = TimestampSettings()  # every row keeps <|notimestamps|>
 
 
 @dataclass
@@ -72,6 +86,8 @@ class SplitReport:
     """Seconds of audio in the kept rows."""
     no_speech: int = 0
     """Rows of silence or noise with an empty transcript added to the kept ones (`data.no_speech_fraction`)."""
+    timestamped: int = 0
+    """Kept rows whose labels carry timestamps (`data.timestamp_fraction`; training splits only)."""
 
     def as_dict(self) -> dict:
         flagged = {"implausible": self.implausible, "implausible_messages": self.implausible_messages}
@@ -80,6 +96,7 @@ class SplitReport:
                  "cache_mb_per_audio_hour": round(self.cache_bytes / 1e6 / max(self.audio_seconds / 3600, 1e-9), 1)}
         return {"read": self.read, "kept": self.kept, **({"windows": self.windows} if self.windows else {}),
                 **({"no_speech": self.no_speech} if self.no_speech else {}),
+                **({"timestamped": self.timestamped} if self.timestamped else {}),
                 **self.skips.as_dict(), **(flagged if self.implausible else {}),
                 **(cache if self.cache_bytes and self.audio_seconds else {})}
 
@@ -151,6 +168,12 @@ class Record:
     """`<origin>: what is implausible` for a row kept although implausible (evaluation); empty when plausible."""
     utterances: int = 1
     """How many utterances the row holds (more than 1 once packed)."""
+    segments: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) seconds of each utterance's speech in the row's audio (`loop.timestamps.speech_bounds`)."""
+    segment_ids: list[list[int]] = field(default_factory=list)
+    """Each utterance's text ids as a timestamped segment (only when rows may get timestamps)."""
+    timestamped: bool = False
+    """Whether `ids` carry timestamps instead of `<|notimestamps|>`."""
 
     @classmethod
     def from_batch(cls, batch: dict, index: int) -> Record:
@@ -167,10 +190,11 @@ class Record:
         self.skip_reason, self.skip_message = reason, f"{self.origin}: {message}"
 
 
-def check_row(record: Record, tokenizer, checks: RowChecks) -> None:
+def check_row(record: Record, tokenizer, checks: RowChecks, with_segment_ids: bool = False) -> None:
     """Decodes the row's audio and tokenizes its transcript, or gives it the first skip reason that applies: an
     audio error, an empty transcript, audio over `max_duration_s`, labels over `max_label_length`, then an
-    implausible row (`RowChecks.implausibility`), which `keep_implausible` keeps and flags instead."""
+    implausible row (`RowChecks.implausibility`), which `keep_implausible` keeps and flags instead. A usable row
+    gets its speech bounds, and with `with_segment_ids` its text's ids as a timestamped segment too."""
     try:
         if not record.source:
             raise AudioError("missing_clip", "no audio given")
@@ -189,13 +213,16 @@ def check_row(record: Record, tokenizer, checks: RowChecks) -> None:
         return record.skip(*problem)
     record.ids = ids
     record.implausible = f"{record.origin}: {problem[1]}" if problem else ""
+    record.segments = [speech_bounds(record.waveform)]
+    record.segment_ids = [segment_text_ids(tokenizer, record.text)] if with_segment_ids else []
 
 
 def pack_groups(records: list[Record], tokenizer, pack_to_seconds: float,
                 max_label_length: int) -> list[tuple[list[Record], list[int]]]:
     """Greedy packing of consecutive usable `records` (distil-whisper's way of filling Whisper's 30-s window): a
     group grows while its audio stays within `pack_to_seconds` and its joined transcript within `max_label_length`
-    tokens; a row that fits neither starts the next group. Every row lands in exactly one group, in order.
+    tokens (when rows may get timestamps, `segment_ids` set: with timestamps too, so a group fits either way);
+    a row that fits neither starts the next group. Every row lands in exactly one group, in order.
 
     Returns (members, label ids) per group: the ids of the joined transcript come from the tokenization that
     admitted the group's last member, so no group is tokenized again; a group of one keeps its row's ids."""
@@ -205,7 +232,8 @@ def pack_groups(records: list[Record], tokenizer, pack_to_seconds: float,
         if groups and seconds + record.duration <= pack_to_seconds:
             members = groups[-1][0] + [record]
             ids = tokenizer(" ".join(member.text for member in members)).input_ids
-            if len(ids) <= max_label_length:
+            timestamped = timestamp_label_length(tokenizer, [t for member in members for t in member.segment_ids])
+            if len(ids) <= max_label_length and (not record.segment_ids or timestamped <= max_label_length):
                 groups[-1] = (members, ids)
                 seconds += record.duration
                 continue
@@ -219,6 +247,10 @@ def join_rows(members: list[Record], ids: list[int]) -> Record:
     and each kept column's values joined by " + ". A group of one is its row as it was."""
     if len(members) == 1:
         return members[0]
+    offsets = np.cumsum([0.0] + [member.duration for member in members[:-1]])
+    # Each utterance's speech bounds moved to its place in the row, kept on the timestamp grid outward.
+    segments = [(quantize_down(offset + start), quantize_up(offset + end))
+                for offset, member in zip(offsets, members) for start, end in member.segments]
     return Record(
         text=" ".join(member.text for member in members),
         origin=" + ".join(member.origin for member in members),
@@ -228,6 +260,8 @@ def join_rows(members: list[Record], ids: list[int]) -> Record:
         ids=ids,
         implausible="; ".join(member.implausible for member in members if member.implausible),
         utterances=len(members),
+        segments=segments,
+        segment_ids=[text_ids for member in members for text_ids in member.segment_ids],
     )
 
 
@@ -240,6 +274,22 @@ def pack_batch(records: list[Record], tokenizer, pack_to_seconds: float, max_lab
     return [packed.get(record, record) for record in records if record.skip_reason or record in packed]
 
 
+def add_timestamps(records: list[Record], tokenizer, settings: TimestampSettings, max_label_length: int) -> None:
+    """Gives the usable rows that `wants_timestamps` picks timestamped labels, one segment per utterance; a row
+    whose labels would then pass `max_label_length` is skipped as `labels_too_long`, like any other (packed rows
+    never are: `pack_groups` kept room for their timestamps)."""
+    tokens = TimestampTokens(tokenizer)
+    for record in records:
+        if record.skip_reason or not wants_timestamps(record.origin, settings):
+            continue
+        ids = timestamp_label_ids(tokenizer, tokens, record.segments, record.segment_ids)
+        if len(ids) > max_label_length:
+            record.skip("labels_too_long", f"{len(ids)} label tokens with timestamps (data.timestamp_fraction), "
+                                           f"more than the model's {max_label_length}")
+            continue
+        record.ids, record.timestamped = ids, True
+
+
 def output_columns(records: list[Record]) -> dict:
     """The prepared columns of `records`: a skipped row gets no audio and no labels."""
     quantized = [quantize(record.waveform) if not record.skip_reason else (np.zeros(0, np.int16), 1.0)
@@ -250,6 +300,8 @@ def output_columns(records: list[Record]) -> dict:
         "labels": [record.ids for record in records],
         "duration": [record.duration for record in records],
         "utterances": [record.utterances for record in records],
+        "segments": [[list(segment) for segment in record.segments] for record in records],
+        "timestamped": [record.timestamped for record in records],
         "skip_reason": [record.skip_reason for record in records],
         "skip_message": [record.skip_message for record in records],
         "implausible": [record.implausible for record in records],
@@ -259,17 +311,23 @@ def output_columns(records: list[Record]) -> dict:
 
 
 def _prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
-                   pack_to_seconds: float = 0.0) -> dict:
+                   pack_to_seconds: float = 0.0, timestamps: TimestampSettings = NO_TIMESTAMPS) -> dict:
     """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and no audio. With
-    `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was."""
+    `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was; with a timestamp
+    fraction, that share of the (packed) rows gets timestamped labels."""
     records = [Record.from_batch(batch, i) for i in range(len(batch["text"]))]
     for record in records:
-        check_row(record, tokenizer, checks)
+        check_row(record, tokenizer, checks, with_segment_ids=timestamps.fraction > 0)
     first_bad = next((record for record in records if record.skip_reason), None)
     if strict and first_bad is not None:
         raise strict_error(first_bad.skip_reason, first_bad.skip_message)
     if pack_to_seconds:
         records = pack_batch(records, tokenizer, pack_to_seconds, checks.max_label_length)
+    if timestamps.fraction > 0:
+        add_timestamps(records, tokenizer, timestamps, checks.max_label_length)
+        first_bad = next((record for record in records if record.skip_reason), None)
+        if strict and first_bad is not None:
+            raise strict_error(first_bad.skip_reason, first_bad.skip_message)
     return output_columns(records)
 
 
@@ -288,6 +346,7 @@ def prepare(
     min_chars_per_second: float = 0.0,
     max_chars_per_second: float = math.inf,
     keep_implausible: bool = False,
+    timestamps: TimestampSettings = NO_TIMESTAMPS,
 ) -> datasets.Dataset:
     """Decodes, resamples and tokenizes `utterances`; returns only the usable rows.
 
@@ -300,13 +359,20 @@ def prepare(
     With `pack_to_seconds`, consecutive usable utterances are joined into one row while their audio fits that many
     seconds and their joined transcript fits `max_label_length` tokens (see `pack_groups`); a packed row's `id`,
     `audio_path` and `client_id` are its utterances' values joined by " + ".
+
+    Every row has `segments`, the (start, end) seconds of each utterance's speech in its audio. With
+    `timestamps.fraction` that share of the rows (chosen by `loop.timestamps.wants_timestamps`) is `timestamped`:
+    its labels are `<|startoftranscript|><|lang|><|task|>`, then `<|start|> text<|end|>` per utterance, then
+    `<|endoftext|>`.
     """
     checks = RowChecks(max_duration_s=min(max_duration_s, feature_extractor.chunk_length),
                        max_label_length=max_label_length, min_duration_s=min_duration_s,
                        min_chars_per_second=min_chars_per_second, max_chars_per_second=max_chars_per_second,
                        keep_implausible=keep_implausible)
     pack_to_seconds = min(pack_to_seconds, feature_extractor.chunk_length)
-    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds)
+    if timestamps.fraction > 0:
+        TimestampTokens(tokenizer)  # a tokenizer without them fails here, before any audio is decoded
+    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds, timestamps)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = PREPARED_FEATURES
@@ -324,6 +390,7 @@ def prepare(
             "checks": checks,
             "strict": report.skips.strict,
             "pack_to_seconds": pack_to_seconds,
+            "timestamps": timestamps,
         },
         remove_columns=[c for c in utterances.column_names if c not in KEPT_COLUMNS],
         features=features,
@@ -345,13 +412,14 @@ def prepare(
     table = prepared.select(kept)
     report.cache_bytes = sum(os.path.getsize(f["filename"]) for f in prepared.cache_files)
     report.audio_seconds = float(sum(table["duration"]))
+    report.timestamped = sum(table["timestamped"])
     flags = [flag for flag in table["implausible"] if flag]
     report.implausible, report.implausible_messages = len(flags), flags[:MAX_MESSAGES_PER_REASON]
     return table
 
 
 def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, checks: RowChecks,
-                 pack_to_seconds: float) -> str:
+                 pack_to_seconds: float, timestamps: TimestampSettings) -> str:
     """A hash of everything that decides the prepared data: rows, the clips' sizes and times, and the settings."""
     digest = hashlib.sha256()
     settings = {
@@ -360,6 +428,7 @@ def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, che
         "prefix": tokenizer.prefix_tokens,
         **asdict(checks),
         "pack_to_seconds": pack_to_seconds,
+        "timestamps": asdict(timestamps),
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).digest())

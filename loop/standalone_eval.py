@@ -38,6 +38,7 @@ from loop.report import (
 )
 from loop.run_lock import refuse_inside_running_run
 from loop.sources import DataError
+from loop.timestamp_eval import evaluate_timestamps
 
 METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "language_id", "insertion_rate", "loop_share",
                "long_share", "compressible_share", "reference_compressible_share", "empty_share",
@@ -167,9 +168,11 @@ def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
 
 
 def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
-                         batch_size: int, same_as: PreparedSplit | None = None) -> tuple[ModelEvaluation, PreparedSplit]:
+                         batch_size: int, same_as: PreparedSplit | None = None,
+                         timestamps: bool = False) -> tuple[ModelEvaluation, PreparedSplit]:
     """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
-    `loop.evaluation.evaluate` (on `same_as`'s utterances if given)."""
+    `loop.evaluation.evaluate` (on `same_as`'s utterances if given); with `timestamps`, the main process decodes
+    them with timestamps too (`loop.timestamp_eval`, metrics.json's "timestamps")."""
     settings = {key: value for key, value in asdict(decode).items() if key != "options"}
     model, processor = load_for_inference(
         name, **settings, fallback_language=config.model.language,
@@ -183,6 +186,9 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
                       model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}")
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
+    if timestamps and accelerator.is_main_process:
+        metrics["timestamps"] = evaluate_timestamps(model, processor.tokenizer, split.table, log_mel,
+                                                    batch_size=batch_size, language=model.generation_config.language)
     rows = utterance_rows(result.predictions, split.table)
     metrics["worst_hallucinations"] = worst_hallucinations(rows, WORST_HALLUCINATIONS)
     return ModelEvaluation(metrics, rows, model), split
@@ -191,7 +197,8 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
 def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = None,
                    decode: DecodeOverrides | None = None, batch_size: int | None = None,
                    mixed_precision: str | None = None, html: bool = False,
-                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB, long_form: LongFormOptions | None = None) -> dict:
+                   html_audio_mb: float = DEFAULT_HTML_AUDIO_MB, long_form: LongFormOptions | None = None,
+                   timestamps: bool = False) -> dict:
     """Evaluates `model_name` (and `compare`, on the same utterances) and, on the main process, writes
     metrics.json, predictions.jsonl, report.md (and report.html) to `config.output_dir`. With `long_form`, the
     first model also transcribes long recordings joined from the split's clips (`loop.long_form`, on the main
@@ -202,10 +209,11 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     if inside_run:
         raise ConfigError([inside_run])
     accelerator = build_accelerator(resolve_mixed_precision(mixed_precision, "--mixed_precision"))
-    first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size)
+    first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size, timestamps=timestamps)
     second = None
     if compare:
-        second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split)
+        second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split,
+                                         timestamps=timestamps)
         first.metrics["compare"] = second.metrics
     # Planned on every process, so a split too short for one recording stops them all; decoded on the main one.
     plan = plan_recordings(split.table, split.processor, long_form, config.data.eval_split) if long_form else None
@@ -243,4 +251,12 @@ def summary_line(metrics: dict) -> str:
     skipped += f", {metrics['num_implausible']} flagged as implausible" if metrics.get("num_implausible") else ""
     return (f"{metrics['model']} on {metrics['split']} ({metrics['num_utterances']} utterances{skipped}): "
             f"WER {metrics['wer']:.2f}  CER {metrics['cer']:.2f}  normalized WER {metrics['normalized_wer']:.2f}  "
-            f"normalized CER {metrics['normalized_cer']:.2f}  ({metrics['seconds']:.1f} s)")
+            f"normalized CER {metrics['normalized_cer']:.2f}  ({metrics['seconds']:.1f} s)"
+            + "".join(f"\n  timestamps, {kind} rows: {timestamp_line(scores)}"
+                      for kind, scores in metrics.get("timestamps", {}).items()))
+
+
+def timestamp_line(scores: dict) -> str:
+    error = scores["boundary_error_s"]
+    return (f"{scores['rows']} rows, {scores['well_formed_percent']:.1f}% well formed, boundary error "
+            + (f"{error:.3f} s" if error is not None else "- (no segments)") + f", WER {scores['wer']:.2f}")

@@ -52,6 +52,7 @@ from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.run_lock import release
 from loop.sharding import check_generation_supported, grad_norm_tensor
+from loop.timestamp_eval import evaluate_timestamps, timestamp_scalars
 from loop.train_log import Interval, StepFigures, WaitClock, log_training
 
 
@@ -340,6 +341,12 @@ def run_selection_eval(run: Run) -> EvalResult:
                               "guards": {name: guard_figures(guard.metrics) for name, guard in guard_results.items()}})
     log_evaluation(run, result, improved)
     log_guard_sets(run, guard_results)
+    if config.data.timestamp_fraction > 0 and accelerator.is_main_process:
+        # Timestamps too, when training keeps them (main process only: no collectives, the others go on).
+        scores = evaluate_timestamps(accelerator.unwrap_model(run.model), run.processor.tokenizer, run.data.selection,
+                                     run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
+                                     language=config.model.language)
+        accelerator.log(timestamp_scalars(scores), step=state.step)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
         lines = [json.dumps({"step": state.step, "id": ids[p["index"]], **p}, ensure_ascii=False) + "\n"

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--encoder_window", default=None, choices=["full", "dynamic"],
                         help="decode at the full 30-s window or cut to each batch's longest clip (default: the window "
                              "the model was trained with, as its config.json records)")
+    parser.add_argument("--timestamps", action="store_true",
+                        help="also decode with timestamps, the clips one by one and packed 3 to a row, and report "
+                             "well-formed share and boundary error (metrics.json: timestamps; README \"Timestamps\")")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="utterances per process per batch (default: eval.per_device_eval_batch_size)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                      if args.long_form else None)
         metrics = run_evaluation(config, args.model, compare=args.compare, decode=decode, batch_size=args.batch_size,
                                  mixed_precision=args.mixed_precision, html=args.html,
-                                 html_audio_mb=args.html_audio_mb, long_form=long_form)
+                                 html_audio_mb=args.html_audio_mb, long_form=long_form,
+                                 timestamps=args.timestamps)
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

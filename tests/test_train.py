@@ -185,15 +185,17 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, fast_model, sess
 
 AUGMENTED_DYNAMIC = ("--augment.speed_perturbation=true", "--augment.noise_probability=0.5",
                      "--augment.gain_probability=0.5", "--model.encoder_window=dynamic", "--train.group_by_length=true",
-                     "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05")
+                     "--model.dropout=0.1", "--model.apply_spec_augment=true", "--model.mask_feature_prob=0.05",
+                     "--data.timestamp_fraction=0.5")
 
 
 @pytest.mark.parametrize(("fast_model", "extra"), [("v2", ()), ("v3", ()), ("v2", AUGMENTED_DYNAMIC)],
                          ids=["plain", "plain-v3", "augmented-dynamic-grouped"], indirect=["fast_model"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir, extra):
     """2N steps straight == N steps, stop, resume, N steps: identical per-step losses and final weights; also
-    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window and length-grouped batches,
-    and on a v3-shaped model (128 mel bins, its own special ids)."""
+    with dropout, SpecAugment, augmentation drawn per step, the dynamic encoder window, length-grouped batches and
+    half the rows timestamped (whose evaluation decodes with timestamps too), and on a v3-shaped model (128 mel
+    bins, its own special ids)."""
     common = ("--train.max_steps=12", "--train.save_steps=3", "--eval.eval_steps=6", "--train.save_total_limit=2",
               *extra)
     straight = train(small_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
