@@ -47,6 +47,11 @@ def test_long_run_memory_checkpoints_and_kill(tmp_path, fast_model, session_cach
     assert len(list_checkpoints(out)) <= 3  # the limit, plus the best when it is older
     assert most_checkpoints <= 3
     rss = tensorboard_scalars(out, "memory/rss_mb")
+    speed = tensorboard_scalars(out, "train/samples_per_second")  # 8 rows a step: steps/s is this over 8
+    figures = {"steps": STEPS, "killed_at": killed_at, "most_checkpoints_while_running": most_checkpoints,
+               "checkpoints_at_end": [step for step, _ in list_checkpoints(out)],
+               "verify": subprocess.run(script_command("verify_checkpoints", out), env=env, cwd=PROJECT,
+                                        capture_output=True, text=True).stdout.splitlines()[-1]}
     # Each process is measured on its own: after its warm-up (500 steps) against its last logged steps.
     first = {s: v for s, v in rss.items() if s <= killed_at}
     second = {s: v for s, v in rss.items() if s > killed_at}
@@ -54,9 +59,15 @@ def test_long_run_memory_checkpoints_and_kill(tmp_path, fast_model, session_cach
         steps = sorted(segment)
         warm = [segment[s] for s in steps if start + 500 <= s < start + 1000] or [segment[steps[len(steps) // 4]]]
         last = [segment[s] for s in steps[-10:]]
+        rate = [speed[s] / 8 for s in sorted(speed) if s in segment]
+        figures[name] = {"steps": [steps[0], steps[-1]], "rss_after_warmup_mb": [min(warm), max(warm)],
+                         "rss_at_end_mb": [min(last), max(last)], "steps_per_second_start": sum(rate[2:6]) / 4,
+                         "steps_per_second_end": sum(rate[-4:]) / 4}
         print(f"\n{name}: steps {steps[0]}-{steps[-1]}, RSS after warm-up {min(warm):.0f}-{max(warm):.0f} MB, "
-              f"at its end {min(last):.0f}-{max(last):.0f} MB")
+              f"at its end {min(last):.0f}-{max(last):.0f} MB; steps/s {figures[name]['steps_per_second_start']:.2f} "
+              f"near its start, {figures[name]['steps_per_second_end']:.2f} at its end")
         assert max(last) < max(warm) * 1.10 + 50, name
+    print(json.dumps(figures))
     print(f"killed at step {killed_at} (newest complete checkpoint); most folders seen while running "
           f"{most_checkpoints}; checkpoints at the end: "
           f"{[step for step, _ in list_checkpoints(out)]}; selection WER {results['initial_wer']} -> {results['best_wer']}")
