@@ -59,6 +59,17 @@ def build_decoding_checkpoint(folder: Path, seed: int = 0, shape: str = "v2") ->
     return folder
 
 
+class StopAt:
+    """Stands in for a SIGTERM arriving once `run.state.step` reaches `step`."""
+
+    def __init__(self, run, step):
+        self.run, self.step = run, step
+
+    @property
+    def signal_name(self):
+        return "SIGTERM" if self.run.state.step >= self.step else ""
+
+
 def run_config(output_dir: Path, model_dir: Path, cache_dir: Path, *overrides: str):
     """The quickstart preset pointed at a test model, quiet and small; `overrides` as on the command line."""
     base = [

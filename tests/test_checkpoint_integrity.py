@@ -22,20 +22,17 @@ from loop.checkpoint_integrity import (
 from loop.checkpointing import CHECKSUMS_KEY, STATE_FILE, list_checkpoints
 from loop.config import ConfigError
 from loop.train import finish, fit, setup, train
-from tests.helpers import PROJECT, child_env, reset_accelerate, run_config, script_command, tensorboard_scalars
+from tests.helpers import (
+    PROJECT,
+    StopAt,
+    child_env,
+    reset_accelerate,
+    run_config,
+    script_command,
+    tensorboard_scalars,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class StopAt:
-    """Stands in for a SIGTERM arriving once `run.state.step` reaches `step`."""
-
-    def __init__(self, run, step):
-        self.run, self.step = run, step
-
-    @property
-    def signal_name(self):
-        return "SIGTERM" if self.run.state.step >= self.step else ""
 
 
 def small_run(tmp_path, fast_model, cache_dir, *overrides, name="run"):

@@ -129,7 +129,7 @@ def test_merged_model_and_adapter_on_base_agree(tmp_path, decoding_checkpoint):
 def test_resume_with_lora_matches_an_uninterrupted_run(tmp_path, fast_model, session_cache_dir):
     """2N steps straight == N steps, stop, resume from the adapter-only checkpoint, N steps: identical per-step losses
     and identical adapters (with LoRA dropout drawing masks every step)."""
-    from tests.test_train import StopAt
+    from tests.helpers import StopAt
 
     common = ("--train.max_steps=8", "--train.save_steps=4", "--eval.eval_steps=8", "--model.lora_dropout=0.1")
     train(lora_run(tmp_path, fast_model, session_cache_dir, *common, name="straight"))
@@ -231,7 +231,7 @@ def test_bitsandbytes_options_train_resume_and_merge_on_a_gpu(tmp_path, fast_mod
     logits are close to the training model's. (The fast model's adapter matrices are under AdamW8bit's 4096-value
     minimum for 8-bit state, so that option's code path runs here, its 8-bit moments only on a larger model.)"""
     from loop.model import load_for_inference
-    from tests.test_train import StopAt
+    from tests.helpers import StopAt
 
     config = lora_run(tmp_path, fast_model, session_cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=8",
                       "--train.save_steps=4", "--eval.eval_steps=8", *extra)

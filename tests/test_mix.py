@@ -177,7 +177,8 @@ def test_two_builds_give_the_same_batches(mixed):
 def test_a_mixed_run_with_no_speech_rows_resumes_bit_exactly(tmp_path, fast_model, session_cache_dir):
     """14 steps straight == 11 steps, stop, resume, 3 steps, with an English source and no-speech rows (10 batches
     an epoch: the stop falls in the second epoch): the same per-step losses and final weights, to the bit."""
-    from tests.test_train import StopAt, small_run
+    from tests.helpers import StopAt
+    from tests.test_train import small_run
 
     common = ("--train.max_steps=14", "--train.save_steps=3", "--eval.eval_steps=7", "--train.save_total_limit=2",
               f"--data.mix=[{ENGLISH}]", "--data.no_speech_fraction=0.2")

@@ -18,6 +18,7 @@ from loop.sources import write_manifest
 from loop.train import finish, fit, get_lr_scheduler, optimizer_step, run_selection_eval, setup, train
 from tests.helpers import (
     PROJECT,
+    StopAt,
     child_env,
     corpus_rows,
     reset_accelerate,
@@ -25,17 +26,6 @@ from tests.helpers import (
     script_command,
     tensorboard_scalars,
 )
-
-
-class StopAt:
-    """Stands in for a SIGTERM arriving once `run.state.step` reaches `step`."""
-
-    def __init__(self, run, step):
-        self.run, self.step = run, step
-
-    @property
-    def signal_name(self):
-        return "SIGTERM" if self.run.state.step >= self.step else ""
 
 
 def small_run(tmp_path, fast_model, cache_dir, *overrides, name="run"):
