@@ -71,8 +71,24 @@ def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cros
     # One decoding pass per row: the input is one window. Without it, a row whose output ends on a timestamp token
     # before the window's end sends generate back for a second pass over the rest of the window, which with
     # `encoder_outputs` (no features to cut the batch by) fails inside transformers.
-    return model.generate(**inputs, language=language or settings.language, task=settings.task, use_cache=True,
-                          force_unique_generate_call=True, **generation_options(settings, seconds), **engine_kwargs)
+    token_ids = model.generate(**inputs, language=language or settings.language, task=settings.task, use_cache=True,
+                               force_unique_generate_call=True, **generation_options(settings, seconds),
+                               **engine_kwargs)
+    return without_prompt(token_ids, settings)
+
+
+def without_prompt(token_ids: torch.Tensor, settings) -> torch.Tensor:
+    """The generated ids without the decoder prompt (start, language, task, no-timestamps tokens), which
+    `generate` returns at the front when it makes one call only; as it returns them otherwise."""
+    if token_ids.shape[1] == 0 or not bool((token_ids[:, 0] == settings.decoder_start_token_id).all()):
+        return token_ids
+    prompt = {settings.decoder_start_token_id, getattr(settings, "no_timestamps_token_id", None),
+              *(getattr(settings, "lang_to_id", None) or {}).values(),
+              *(getattr(settings, "task_to_id", None) or {}).values()}
+    length = 0
+    while length < token_ids.shape[1] and all(token in prompt for token in token_ids[:, length].tolist()):
+        length += 1
+    return token_ids[:, length:]
 
 
 def shares_cross_attention(settings) -> bool:

@@ -232,8 +232,9 @@ def pack_groups(records: list[Record], tokenizer, pack_to_seconds: float,
         if groups and seconds + record.duration <= pack_to_seconds:
             members = groups[-1][0] + [record]
             ids = tokenizer(" ".join(member.text for member in members)).input_ids
-            timestamped = timestamp_label_length(tokenizer, [t for member in members for t in member.segment_ids])
-            if len(ids) <= max_label_length and (not record.segment_ids or timestamped <= max_label_length):
+            fits_timestamped = not record.segment_ids or timestamp_label_length(
+                tokenizer, [t for member in members for t in member.segment_ids]) <= max_label_length
+            if len(ids) <= max_label_length and fits_timestamped:
                 groups[-1] = (members, ids)
                 seconds += record.duration
                 continue

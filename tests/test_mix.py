@@ -20,7 +20,7 @@ from loop.train import finish, fit, setup, train
 from tests.helpers import CORPUS, reset_accelerate, tensorboard_scalars
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread only waits
-ENGLISH = f"{{name: en, weight: 0.25, path: {CORPUS}, language: english, train_splits: [dev], max_samples: 24}}"
+ENGLISH = f"{{name: en, weight: 0.25, path: {CORPUS}, locale: hi, language: english, train_splits: [dev], max_samples: 24}}"
 
 
 # --- the option ----------------------------------------------------------------------------------------------
