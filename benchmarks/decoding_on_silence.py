@@ -1,5 +1,8 @@
-"""Each decoding option of `loop.decoding_options` on a model that loops: a Whisper (zero-shot whisper-base: `python -m benchmarks.decoding_on_silence whisper-base`) decoding 12 clips of silence and quiet noise with Hindi forced, where it repeats a syllable to its length limit. Prints loops, over-compressible share and mean words per option."""
-import json, sys
+"""Each decoding option of `loop.decoding_options` on a model that loops: zero-shot whisper-base
+(`python -m benchmarks.decoding_on_silence whisper-base`) decoding 12 clips of silence and quiet noise with Hindi
+forced, where it repeats a syllable to its length limit. Prints loops, over-compressible share and words per clip."""
+import json
+import sys
 import numpy as np
 import torch
 from loop.audio import SAMPLE_RATE
