@@ -3,8 +3,10 @@
 forced, where it repeats a syllable to its length limit. Prints loops, over-compressible share and words per clip."""
 import json
 import sys
+
 import numpy as np
 import torch
+
 from loop.audio import SAMPLE_RATE
 from loop.config import EvalConfig
 from loop.decoding_options import apply_decoding_options
