@@ -218,13 +218,7 @@ def validate(config: RunConfig) -> list[str]:
     type, then the settings that depend on each other."""
     d, m, t = config.data, config.model, config.train
     problems = field_problems(config, "data")
-    if d.source in ("common_voice", "manifest"):
-        if not d.path:
-            problems.append(f"data.path is required for data.source={d.source}")
-        elif not resolve_path(d.path).exists():
-            problems.append(f"data.path {d.path!r} does not exist")
-    if d.source == "hub" and not d.dataset_name:
-        problems.append("data.dataset_name is required for data.source=hub (e.g. google/fleurs)")
+    problems += source_problems("data", d.source, d.path, d.dataset_name, "data.source", " (e.g. google/fleurs)")
     if not d.train_splits:
         problems.append("data.train_splits must name at least one split")
     if d.min_duration_s >= d.max_duration_s:
@@ -243,6 +237,17 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
     problems += lora_problems(config)
     return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
+
+
+def source_problems(prefix: str, source: str, path: str, dataset_name: str, source_option: str = "source",
+                    hub_hint: str = "") -> list[str]:
+    """Where a source's rows come from (the data section, a `data.mix` entry, a guard set): a folder that exists
+    for `common_voice` and `manifest`, a dataset id for `hub`."""
+    if source == "hub":
+        return [] if dataset_name else [f"{prefix}.dataset_name is required for {source_option}=hub{hub_hint}"]
+    if not path:
+        return [f"{prefix}.path is required for {source_option}={source}"]
+    return [] if resolve_path(path).exists() else [f"{prefix}.path {path!r} does not exist"]
 
 
 def _language_problems(language: str, option: str) -> list[str]:
@@ -267,12 +272,7 @@ def _guard_set_problems(config: RunConfig) -> list[str]:
         problems += dataclass_problems(guard, option)
         problems += (_language_problems(guard.language, f"{option}.language") if guard.language
                      else [f"{option}.language is required (decoding is forced to it)"])
-        if guard.source != "hub" and not guard.path:
-            problems.append(f"{option}.path is required for source {guard.source}")
-        elif guard.source != "hub" and not resolve_path(guard.path).exists():
-            problems.append(f"{option}.path {guard.path!r} does not exist")
-        if guard.source == "hub" and not guard.dataset_name:
-            problems.append(f"{option}.dataset_name is required for source hub")
+        problems += source_problems(option, guard.source, guard.path, guard.dataset_name)
     return problems
 
 
@@ -293,13 +293,7 @@ def data_mix_problems(config: RunConfig) -> list[str]:
             problems.append(f"{where}.name must be a short name of letters, digits, - or _ (e.g. en), got {entry.name!r}")
         elif names.count(entry.name) > 1:
             problems.append(f"{where}.name {entry.name!r} is used by more than one data.mix entry")
-        if entry.source in ("common_voice", "manifest"):
-            if not entry.path:
-                problems.append(f"{where}.path is required for source={entry.source}")
-            elif not resolve_path(entry.path).exists():
-                problems.append(f"{where}.path {entry.path!r} does not exist")
-        if entry.source == "hub" and not entry.dataset_name:
-            problems.append(f"{where}.dataset_name is required for source=hub")
+        problems += source_problems(where, entry.source, entry.path, entry.dataset_name)
         if not entry.train_splits:
             problems.append(f"{where}.train_splits must name at least one split")
         language = entry.language.lower()

@@ -27,8 +27,8 @@ from loop.checkpointing import LoopState, keep_adapters_only, load_checkpoint, s
 from loop.config import RunConfig, flat_hparams, to_dict
 from loop.config_loading import config_warnings
 from loop.data import PreparedData, build_datasets
-from loop.disk_space import warn_if_short_of_space
 from loop.determinism import make_deterministic
+from loop.disk_space import warn_if_short_of_space
 from loop.encoder_window import batch_features
 from loop.evaluation import EvalResult, evaluate
 from loop.features import LogMel
@@ -39,21 +39,20 @@ from loop.guard_sets import (
     build_guard_sets,
     evaluate_guard_sets,
     guard_figures,
-    language_id_drops,
 )
 from loop.loaders import eval_dataloader, train_dataloader
 from loop.lora import trainable_summary
 from loop.loss import IGNORE_INDEX, token_losses
 from loop.model import load_for_inference, load_model
 from loop.model_card import push_to_hub, write_model_card
-from loop.optimizers import build_optimizer
 from loop.no_speech import allow_empty_transcripts
+from loop.optimizers import build_optimizer
 from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.results import build_results, write_results
 from loop.run_lock import release
 from loop.sharding import check_generation_supported, grad_norm_tensor
 from loop.timestamp_eval import evaluate_timestamps, timestamp_scalars
-from loop.train_log import Interval, StepFigures, WaitClock, log_training
+from loop.train_log import Interval, StepFigures, WaitClock, log_evaluation, log_guard_sets, log_training
 
 
 @dataclass
@@ -339,8 +338,8 @@ def run_selection_eval(run: Run) -> EvalResult:
                                         log_mel=run.log_mel, step=state.step)
     state.evaluations.append({"step": state.step, **result.metrics, "seconds": result.seconds,
                               "guards": {name: guard_figures(guard.metrics) for name, guard in guard_results.items()}})
-    log_evaluation(run, result, improved)
-    log_guard_sets(run, guard_results)
+    log_evaluation(accelerator, state.step, result, improved, run.data.selection_split, config)
+    log_guard_sets(accelerator, state, guard_results, config.eval.language_id_drop_warning)
     if config.data.timestamp_fraction > 0 and accelerator.is_main_process:
         # Timestamps too, when training keeps them (main process only: no collectives, the others go on).
         scores = evaluate_timestamps(accelerator.unwrap_model(run.model), run.processor.tokenizer, run.data.selection,
@@ -353,49 +352,6 @@ def run_selection_eval(run: Run) -> EvalResult:
                  for p in result.predictions]
         write_text_atomic(Path(config.output_dir) / "eval_predictions.jsonl", "".join(lines))
     return result
-
-
-HALLUCINATION_FIGURES = ("insertion_rate", "loop_share", "long_share", "compressible_share", "empty_share")
-
-
-def log_evaluation(run: Run, result: EvalResult, improved: bool) -> None:
-    accelerator, state, m = run.accelerator, run.state, result.metrics
-    values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss",
-                                                 "language_id", *HALLUCINATION_FIGURES) if key in m}
-    values["eval/seconds"] = result.seconds
-    accelerator.log(values, step=state.step)
-    if not accelerator.is_main_process:
-        return
-    split = run.data.selection_split
-    accelerator.print(
-        f"eval step {state.step} on {split}: WER {m['wer']:.2f}  CER {m['cer']:.2f}  normalized WER "
-        f"{m['normalized_wer']:.2f}  loss {m['loss']:.4f}  loops {m['loop_share']:.1f}%"
-        + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "")
-        + f"  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
-    )
-    if run.config.train.report_to == "tensorboard":
-        shown = result.predictions[: run.config.eval.num_logged_examples]
-        table = "| reference | prediction |\n|---|---|\n" + "\n".join(
-            f"| {p['reference']} | {p['hypothesis']} |" for p in shown
-        )
-        accelerator.get_tracker("tensorboard").tracker.add_text("eval/examples", table, state.step)
-
-
-def log_guard_sets(run: Run, results: dict[str, EvalResult]) -> None:
-    """Each guard set's figures (TensorBoard `guard/<name>/...`, one log line each), and a warning when language
-    detection has fallen since step 0."""
-    accelerator, state = run.accelerator, run.state
-    for name, result in results.items():
-        m = result.metrics
-        accelerator.log({f"guard/{name}/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "language_id",
-                                                                  *HALLUCINATION_FIGURES) if key in m}, step=state.step)
-        accelerator.print(
-            f"  guard {name}: WER {m['wer']:.2f}  normalized WER {m['normalized_wer']:.2f}  "
-            f"loops {m['loop_share']:.1f}%"
-            + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "") + f"  ({result.seconds:.1f} s)"
-        )
-    for warning in language_id_drops(state.evaluations, run.config.eval.language_id_drop_warning):
-        accelerator.print(f"warning: {warning}")
 
 
 def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:

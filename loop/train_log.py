@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loop.guard_sets import language_id_drops
+
 
 @dataclass
 class StepFigures:
@@ -111,3 +113,46 @@ def resident_memory_mb() -> float:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+HALLUCINATION_FIGURES = ("insertion_rate", "loop_share", "long_share", "compressible_share", "empty_share")
+
+
+def log_evaluation(accelerator, step: int, result, improved: bool, split: str, config) -> None:
+    """One evaluation on the selection split (`loop.evaluation.EvalResult`): TensorBoard `eval/*`, the log line,
+    and a table of examples."""
+    m = result.metrics
+    values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss",
+                                                 "language_id", *HALLUCINATION_FIGURES) if key in m}
+    values["eval/seconds"] = result.seconds
+    accelerator.log(values, step=step)
+    if not accelerator.is_main_process:
+        return
+    accelerator.print(
+        f"eval step {step} on {split}: WER {m['wer']:.2f}  CER {m['cer']:.2f}  normalized WER "
+        f"{m['normalized_wer']:.2f}  loss {m['loss']:.4f}  loops {m['loop_share']:.1f}%"
+        + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "")
+        + f"  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
+    )
+    if config.train.report_to == "tensorboard":
+        shown = result.predictions[: config.eval.num_logged_examples]
+        table = "| reference | prediction |\n|---|---|\n" + "\n".join(
+            f"| {p['reference']} | {p['hypothesis']} |" for p in shown
+        )
+        accelerator.get_tracker("tensorboard").tracker.add_text("eval/examples", table, step)
+
+
+def log_guard_sets(accelerator, state, results: dict, drop_warning: float) -> None:
+    """Each guard set's figures (TensorBoard `guard/<name>/...`, one log line each), and a warning when language
+    detection has fallen since step 0 by more than `drop_warning` points."""
+    for name, result in results.items():
+        m = result.metrics
+        accelerator.log({f"guard/{name}/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "language_id",
+                                                                  *HALLUCINATION_FIGURES) if key in m}, step=state.step)
+        accelerator.print(
+            f"  guard {name}: WER {m['wer']:.2f}  normalized WER {m['normalized_wer']:.2f}  "
+            f"loops {m['loop_share']:.1f}%"
+            + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "") + f"  ({result.seconds:.1f} s)"
+        )
+    for warning in language_id_drops(state.evaluations, drop_warning):
+        accelerator.print(f"warning: {warning}")
