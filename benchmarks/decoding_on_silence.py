@@ -1,4 +1,4 @@
-"""Each decoding option of `loop.decoding_options` on a model that loops: zero-shot whisper-base
+"""Each decoding option of `loop.model.decoding_options` on a model that loops: zero-shot whisper-base
 (`python -m benchmarks.decoding_on_silence whisper-base`) decoding 12 clips of silence and quiet noise with Hindi
 forced, where it repeats a syllable to its length limit. Prints loops, over-compressible share and words per clip."""
 import json
@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import torch
 
-from loop.audio import SAMPLE_RATE
 from loop.config import EvalConfig
-from loop.decoding_options import apply_decoding_options
-from loop.evaluation import decode_ids
-from loop.hallucination import hallucination_metrics
-from loop.model import load_for_inference
-from loop.no_speech import synthesize
+from loop.data.audio import SAMPLE_RATE
+from loop.data.no_speech import synthesize
+from loop.eval.hallucination import hallucination_metrics
+from loop.model.decoding import decode_ids
+from loop.model.decoding_options import apply_decoding_options
+from loop.model.loading import load_for_inference
 
 torch.set_num_threads(2)
 rng = np.random.default_rng(2024)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from loop.config_loading import load_config
-from loop.determinism import make_deterministic
+from loop.config.loading import load_config
+from loop.run.determinism import make_deterministic
 from loop.train import endless_batches, optimizer_step, setup
 from loop.train_log import WaitClock
 

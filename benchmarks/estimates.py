@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from loop.config_loading import preset_path
+from loop.config.loading import preset_path
 
 REFERENCE_MEMORY_GB = 15.8  # what the reference recipe needs to train whisper-small, batch 16, fp16 (the issue's figure)
 H100_DENSE_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense tensor-core peak
@@ -72,7 +72,7 @@ def training_memory_estimate(config, batch_size: int = 16, n_label_tokens: int =
     Conv stem per example: 2mF + 4dF (conv1 output and GELU) + 8dS (conv2, GELU, positions in fp32).
     Logits: 2TV (fp16) + 8TV for one loss (fp32 upcast and log-softmax); `separate_loss` adds a second fp32
     cross-entropy over the same logits (another 8TV), as when the model is given `labels` and computes a mean
-    loss of its own beside the summed one (loop/loss.py gives it decoder inputs, so the loop pays for one loss).
+    loss of its own beside the summed one (loop/model/loss.py gives it decoder inputs, so the loop pays for one loss).
     Allocator slack and the transient buffers of the backward pass come on top: read the total as a lower bound
     within about 20%. Returns GB per part, their `total`, and `parameters` (a count).
     """

@@ -2,7 +2,7 @@
 
 Its collator, `prepare_dataset`, WER `compute_metrics`, model set-up and `Seq2SeqTrainingArguments`, as the blog
 has them (changes are marked "not in the blog"), and the feature extractor on its NumPy path, which is also the
-reference that tests/test_features.py holds `loop.features` to. Ours is `loop/`; nothing in `loop/` imports this.
+reference that tests/test_features.py holds `loop.model.features` to. Ours is `loop/`; nothing in `loop/` imports this.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from benchmarks.settings import LANGUAGE, TASK
-from loop.audio import SAMPLE_RATE, decode_audio
+from loop.data.audio import SAMPLE_RATE, decode_audio
 
 if TYPE_CHECKING:
     import datasets
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataCollatorSpeechSeq2SeqWithPadding:
-    """The blog's collator, as the blog has it: the reference, not ours (ours is loop.collator)."""
+    """The blog's collator, as the blog has it: the reference, not ours (ours is loop.data.collator)."""
 
     processor: Any
     decoder_start_token_id: int

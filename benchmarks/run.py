@@ -12,14 +12,14 @@ loop, reference, loop, reference, ..., so machine drift hits both sides and each
 Figures are medians over the repeats; ratios are ours / reference.
 
 Timed, on each side (benchmarks/sides.py):
-- data preparation, clips/s: the training clips -> a prepared Arrow table. Ours: `loop.prepare.prepare` (decode,
+- data preparation, clips/s: the training clips -> a prepared Arrow table. Ours: `loop.data.prepare.prepare` (decode,
   resample, tokenize, write int16 audio: features are computed in the step). Reference: the blog's `prepare_dataset`, one example per call, on the
-  feature extractor's NumPy STFT. Both decode with `loop.audio.decode_audio`.
+  feature extractor's NumPy STFT. Both decode with `loop.data.audio.decode_audio`.
 - training, samples/s: `timed_steps` optimizer steps after `warmup_steps`, data loading included. Ours:
   `loop.train.setup()`, then `loop.train.optimizer_step`, the function `fit()` runs once per step. Reference:
   `Seq2SeqTrainer.train()`, timed between step ends by a callback.
 - evaluation, utterances/s: the eval clips decoded greedily to the same max length from the same (initial)
-  weights. Ours: `loop.evaluation.evaluate` over the longest-first loader at the larger eval batch. Reference:
+  weights. Ours: `loop.eval.evaluation.evaluate` over the longest-first loader at the larger eval batch. Reference:
   `trainer.predict` with `predict_with_generate` at the blog's eval batch, with the blog's WER `compute_metrics`.
   Both also compute the eval loss, as both recipes do.
 - training with packed rows, utterances/s (ours only, `--packing`, a third process per repeat): the same steps on

@@ -2,8 +2,8 @@
 
     python -m benchmarks.sides SPEC.json RESULT.json     # started by benchmarks/run.py, from the project root
 
-Ours runs the library's own functions as `scripts/train.py` does: `loop.prepare.prepare`, `loop.train.setup()`
-then `loop.train.optimizer_step` (what `fit()` calls once per step), `loop.evaluation.evaluate`. The
+Ours runs the library's own functions as `scripts/train.py` does: `loop.data.prepare.prepare`, `loop.train.setup()`
+then `loop.train.optimizer_step` (what `fit()` calls once per step), `loop.eval.evaluation.evaluate`. The
 reference runs the blog's recipe (benchmarks/reference_recipe.py) through `Seq2SeqTrainer`.
 """
 
@@ -32,10 +32,10 @@ from benchmarks.reference_recipe import (
 from benchmarks.settings import LANGUAGE, TASK, BenchSettings
 from benchmarks.workspace import DYNAMIC, PACKED, Workspace, dynamic_config, loop_config, manifest_rows, packed_config
 from loop.config import RunConfig
-from loop.data import SplitReport, prepare
-from loop.evaluation import evaluate
-from loop.model import load_model, load_processor
-from loop.sources import SkipLog, load_utterances
+from loop.data.sources import SkipLog, load_utterances
+from loop.data.splits import SplitReport, prepare
+from loop.eval.evaluation import evaluate
+from loop.model.loading import load_model, load_processor
 from loop.train import Run, endless_batches, optimizer_step, setup
 
 
@@ -61,7 +61,7 @@ class ChildSpec:
 
 
 def time_loop_prep(config: RunConfig, processor) -> dict:
-    """Ours: `loop.prepare.prepare` of the training manifest into an empty cache folder (clips/s)."""
+    """Ours: `loop.data.prepare.prepare` of the training manifest into an empty cache folder (clips/s)."""
     rows = load_utterances(config.data, "train", SkipLog())
     max_label_length = WhisperConfig.from_pretrained(config.model.name_or_path).max_target_positions
     with tempfile.TemporaryDirectory(dir=config.data.cache_dir) as fresh:
@@ -120,7 +120,7 @@ def time_loop_training(run: Run, warmup_steps: int, timed_steps: int) -> dict:
 
 
 def time_loop_eval(run: Run) -> dict:
-    """Ours: `loop.evaluation.evaluate` (loss and generation) over the longest-first selection loader, on a
+    """Ours: `loop.eval.evaluation.evaluate` (loss and generation) over the longest-first selection loader, on a
     fresh copy of the folder's weights, so both sides decode with the same (initial) model (utterances/s)."""
     model, _ = load_model(run.config.model, run.config.eval)
     model = run.accelerator.prepare_model(model, evaluation_mode=True)

@@ -14,11 +14,11 @@ from transformers import GenerationConfig
 from benchmarks.reference_recipe import numpy_path_feature_extractor, reference_prepare
 from benchmarks.settings import LANGUAGE, SHAPES, TASK, BenchSettings
 from loop.config import RunConfig
-from loop.config_loading import load_config
-from loop.data import build_datasets
-from loop.model import load_processor
-from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split, read_manifest, write_manifest
-from loop.tiny_model import build_tiny_whisper
+from loop.config.loading import load_config
+from loop.data.sources import SkipLog, find_common_voice_dir, read_common_voice_split, read_manifest, write_manifest
+from loop.data.splits import build_datasets
+from loop.model.loading import load_processor
+from loop.model.tiny import build_tiny_whisper
 
 PROJECT = Path(__file__).resolve().parent.parent
 CORPUS = PROJECT / "assets" / "cv-corpus-17.0-synthetic"

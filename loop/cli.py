@@ -9,7 +9,7 @@ import textwrap
 import typing
 
 from loop.config import SECTIONS, ConfigError, Pattern, Range, field_docs, field_types
-from loop.config_loading import SHORT_FORMS, list_presets
+from loop.config.loading import SHORT_FORMS, list_presets
 
 HELP_WIDTH = 100
 

@@ -1,10 +1,11 @@
-"""The optimizer of a run (`train.optimizer`): torch's fused AdamW, or bitsandbytes' 8-bit AdamW on CUDA."""
+"""The optimizer and learning-rate schedule of a run: torch's fused AdamW or, on CUDA, bitsandbytes' 8-bit AdamW
+(`train.optimizer`); linear warmup, then linear decay."""
 
 from __future__ import annotations
 
 import torch
 
-from loop.lora import check_cuda_for
+from loop.model.lora import check_cuda_for
 
 
 def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
@@ -24,3 +25,14 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
         weight_decay=config.weight_decay,
         fused=True,  # one kernel over all parameters, on CUDA and on the CPU (torch's default there is a Python loop)
     )
+
+
+def get_lr_scheduler(optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak over `warmup_steps`, then linear decay to 0 at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

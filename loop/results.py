@@ -7,12 +7,12 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-from loop.disk_space import reporting_save_failure
+from loop.eval.guard_sets import guard_summary
 from loop.files import write_json_atomic
-from loop.guard_sets import guard_summary
+from loop.run.disk_space import reporting_save_failure
+from loop.run.output_dir import RESULTS_FILE
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "soundfile", "soxr", "jiwer", "tokenizers")
-RESULTS_FILE = "results.json"
 
 
 def package_versions() -> dict:

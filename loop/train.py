@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,38 +19,39 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from loop.accelerator import build_accelerator, resolve_mixed_precision
-from loop.augment import Augmenter, step_generator
-from loop.best_model import best_dir, write_best_model
-from loop.checkpointing import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.config import RunConfig, flat_hparams, to_dict
-from loop.config_loading import config_warnings
-from loop.data import PreparedData, build_datasets
-from loop.determinism import make_deterministic
-from loop.disk_space import warn_if_short_of_space
-from loop.encoder_window import batch_features
-from loop.evaluation import EvalResult, evaluate
-from loop.features import LogMel
-from loop.files import write_json_atomic, write_text_atomic
-from loop.guard_sets import (
+from loop.config.loading import config_warnings
+from loop.data.augment import Augmenter, step_generator
+from loop.data.loaders import eval_dataloader, train_dataloader
+from loop.data.no_speech import allow_empty_transcripts
+from loop.data.splits import PreparedData, build_datasets
+from loop.eval.evaluation import EvalResult, evaluate
+from loop.eval.guard_sets import (
     PreparedGuardSet,
     attach_loaders,
     build_guard_sets,
     evaluate_guard_sets,
     guard_figures,
 )
-from loop.loaders import eval_dataloader, train_dataloader
-from loop.lora import trainable_summary
-from loop.loss import IGNORE_INDEX, token_losses
-from loop.model import load_for_inference, load_model
-from loop.model_card import push_to_hub, write_model_card
-from loop.no_speech import allow_empty_transcripts
-from loop.optimizers import build_optimizer
-from loop.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.eval.timestamps import evaluate_timestamps, timestamp_scalars
+from loop.files import write_json_atomic, write_text_atomic
+from loop.model.encoder_window import batch_features
+from loop.model.features import LogMel
+from loop.model.loading import load_for_inference, load_model
+from loop.model.lora import trainable_summary
+from loop.model.loss import IGNORE_INDEX, token_losses
+from loop.model.sharding import check_generation_supported, grad_norm_tensor
+from loop.optimizers import build_optimizer, get_lr_scheduler
 from loop.results import build_results, write_results
-from loop.run_lock import release
-from loop.sharding import check_generation_supported, grad_norm_tensor
-from loop.timestamp_eval import evaluate_timestamps, timestamp_scalars
+from loop.run.accelerator import build_accelerator, resolve_mixed_precision
+from loop.run.best_model import best_dir, write_best_model
+from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
+from loop.run.determinism import make_deterministic
+from loop.run.disk_space import warn_if_short_of_space
+from loop.run.lock import release
+from loop.run.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.run.stopping import StopRequested, agreed_stop
+from loop.ship.model_card import push_to_hub, write_model_card
 from loop.train_log import Interval, StepFigures, WaitClock, log_evaluation, log_guard_sets, log_training
 
 
@@ -76,20 +76,6 @@ class Run:
     """Speed, noise and gain on the training audio (`augment.*`), seeded per step; off by default."""
     guards: list[PreparedGuardSet]
     """`eval.guard_sets`, prepared, each with its evaluation DataLoader."""
-
-
-class StopRequested:
-    """Set by SIGTERM/SIGINT (a preempted machine, Ctrl-C); the loop saves and exits at the next step boundary."""
-
-    def __init__(self):
-        self.signal_name = ""
-
-    def __call__(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self)
 
 
 def train(config: RunConfig) -> dict:
@@ -181,17 +167,6 @@ def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataL
     )
 
 
-def get_lr_scheduler(optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the peak over `warmup_steps`, then linear decay to 0 at `max_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def fit(run: Run, stop: StopRequested | None = None) -> str:
     """Trains to `max_steps`; returns "" when done, or the name of the signal that stopped it (after saving)."""
     config, accelerator, state = run.config, run.accelerator, run.state
@@ -230,15 +205,6 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             interval = Interval()
     progress.close()
     return ""
-
-
-def agreed_stop(accelerator: Accelerator, stop) -> bool:
-    """Whether any process was signalled: all of them must stop at the same step, or the others would wait in
-    the next step's collectives forever."""
-    if accelerator.num_processes == 1:
-        return bool(stop.signal_name)
-    flag = torch.tensor(1.0 if stop.signal_name else 0.0, device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def out_of_memory_advice(config: RunConfig) -> str:

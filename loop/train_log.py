@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loop.guard_sets import language_id_drops
+from loop.eval.guard_sets import language_id_drops
 
 
 @dataclass
@@ -119,7 +119,7 @@ HALLUCINATION_FIGURES = ("insertion_rate", "loop_share", "long_share", "compress
 
 
 def log_evaluation(accelerator, step: int, result, improved: bool, split: str, config) -> None:
-    """One evaluation on the selection split (`loop.evaluation.EvalResult`): TensorBoard `eval/*`, the log line,
+    """One evaluation on the selection split (`loop.eval.evaluation.EvalResult`): TensorBoard `eval/*`, the log line,
     and a table of examples."""
     m = result.metrics
     values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss",

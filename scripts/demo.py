@@ -9,8 +9,8 @@ Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for 
 import argparse
 import sys
 
-from loop.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE, build_app, launch
-from loop.model import ModelLoadError
+from loop.model.loading import ModelLoadError
+from loop.ship.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE, build_app, launch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ the work and gives the single-process result.
 
 --long_form also joins the split's clips into recordings of --long_form_min_s to --long_form_max_s seconds (a
 speaker's clips together where possible) and transcribes them with Whisper's sequential long-form generation and
-with the pipeline's chunked decoding, scored side by side (loop/long_form.py; on the main process only).
+with the pipeline's chunked decoding, scored side by side (loop/eval/long_form.py; on the main process only).
 """
 
 import argparse
@@ -20,19 +20,19 @@ from accelerate import PartialState
 
 from loop.cli import make_parser, one_line
 from loop.config import ConfigError
-from loop.config_loading import load_config
-from loop.long_form import (
+from loop.config.loading import load_config
+from loop.data.sources import DataError
+from loop.eval.long_form import (
     DEFAULT_BOUNDARY_WORDS,
     DEFAULT_GAP_S,
     DEFAULT_MAX_S,
     DEFAULT_MIN_S,
     LongFormOptions,
 )
-from loop.long_form import summary_line as long_form_line
-from loop.model import ModelLoadError
-from loop.report import DEFAULT_HTML_AUDIO_MB
-from loop.sources import DataError
-from loop.standalone_eval import DecodeOverrides, run_evaluation, summary_line
+from loop.eval.long_form import summary_line as long_form_line
+from loop.eval.report import DEFAULT_HTML_AUDIO_MB
+from loop.eval.saved_model import DecodeOverrides, run_evaluation, summary_line
+from loop.model.loading import ModelLoadError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

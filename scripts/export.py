@@ -16,11 +16,19 @@ from pathlib import Path
 
 from loop.cli import make_parser, one_line
 from loop.config import ConfigError, resolve_path
-from loop.config_loading import load_config
-from loop.export import FORMATS, QUANTIZATIONS, ExportError, export_ct2, export_readme, free_space, read_source_model
-from loop.model import ModelLoadError
-from loop.parity import DEFAULT_CLIPS, DEFAULT_WER_TOLERANCE, PARITY_FILE, read_clips, run_parity, summary_line
-from loop.sources import DataError
+from loop.config.loading import load_config
+from loop.data.sources import DataError
+from loop.model.loading import ModelLoadError
+from loop.ship.export import (
+    FORMATS,
+    QUANTIZATIONS,
+    ExportError,
+    export_ct2,
+    export_readme,
+    free_space,
+    read_source_model,
+)
+from loop.ship.parity import DEFAULT_CLIPS, DEFAULT_WER_TOLERANCE, PARITY_FILE, read_clips, run_parity, summary_line
 
 SHIPPED_CORPUS = "assets/cv-corpus-17.0-synthetic"
 

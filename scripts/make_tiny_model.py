@@ -9,8 +9,8 @@ which moves the task and timestamp ids up by one: large-v3, large-v3-turbo).
 
 import argparse
 
-from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split
-from loop.tiny_model import SHAPES, build_tiny_whisper
+from loop.data.sources import SkipLog, find_common_voice_dir, read_common_voice_split
+from loop.model.tiny import SHAPES, build_tiny_whisper
 
 DEFAULT_OUTPUT = {"v2": "assets/tiny-whisper-hi", "v3": "assets/tiny-whisper-v3-hi"}
 

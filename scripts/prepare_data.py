@@ -11,10 +11,10 @@ from transformers import WhisperConfig
 
 from loop.cli import make_parser
 from loop.config import ConfigError
-from loop.config_loading import load_config
-from loop.data import build_datasets
-from loop.model import ModelLoadError, load_processor, model_location
-from loop.sources import DataError
+from loop.config.loading import load_config
+from loop.data.sources import DataError
+from loop.data.splits import build_datasets
+from loop.model.loading import ModelLoadError, load_processor, model_location
 
 
 def main(argv: list[str] | None = None) -> int:

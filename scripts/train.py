@@ -6,15 +6,15 @@ Options: `--config PRESET_OR_YAML`, `--output_dir DIR`, and any `--section.key=v
 
 import sys
 
-from loop.checkpoint_integrity import CheckpointError
 from loop.cli import make_parser
 from loop.config import ConfigError
-from loop.config_loading import load_config
-from loop.disk_space import SaveError
-from loop.model import ModelLoadError
-from loop.model_card import HubUploadError
-from loop.run_lock import FolderInUseError
-from loop.sources import DataError
+from loop.config.loading import load_config
+from loop.data.sources import DataError
+from loop.model.loading import ModelLoadError
+from loop.run.checkpoint_integrity import CheckpointError
+from loop.run.disk_space import SaveError
+from loop.run.lock import FolderInUseError
+from loop.ship.model_card import HubUploadError
 from loop.train import train
 
 

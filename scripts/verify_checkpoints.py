@@ -9,7 +9,7 @@ Prints one line per checkpoint; exits 1 when any fails (a missing, truncated or 
 import argparse
 import sys
 
-from loop.checkpoint_integrity import verify_run_report
+from loop.run.checkpoint_integrity import verify_run_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def tiny_model_dir(request) -> Path:
 
 @pytest.fixture(scope="session")
 def processor(tiny_model_dir):
-    from loop.model import load_processor
+    from loop.model.loading import load_processor
 
     return load_processor(str(tiny_model_dir), "hindi", "transcribe")
 

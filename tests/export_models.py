@@ -9,7 +9,7 @@ the model's:
   that the real multilingual vocabulary has (id 50256, before `<|endoftext|>`); otherwise faster-whisper decodes
   as English-only, without language and task tokens.
 
-So the BPE tokenizer of `loop.tiny_model` gets that empty token before its special tokens and unused special
+So the BPE tokenizer of `loop.model.tiny` gets that empty token before its special tokens and unused special
 tokens after them, up to the real vocabulary's 51,865 tokens, and the model has a 30-s window. Every special
 token but `<|endoftext|>`, and every filler, is suppressed in generation (random weights would emit them and
 decode to nothing), and the weight matrices are scaled up as in `tests.helpers.build_decoding_checkpoint`, so
@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from loop.config import EvalConfig
-from loop.model import set_generation_settings
-from loop.tiny_model import train_tokenizer, whisper_generation_config
+from loop.model.loading import set_generation_settings
+from loop.model.tiny import train_tokenizer, whisper_generation_config
 from tests.helpers import DECODE_MAX_LENGTH, WEIGHT_SCALE, corpus_rows
 
 MULTILINGUAL_VOCAB_SIZE = 51865  # whisper-tiny ... large-v2; large-v3 has 51866
@@ -41,7 +41,7 @@ WINDOW_S = 30
 
 
 def multilingual_tokenizer(folder: Path, bpe_size: int = 600) -> WhisperTokenizer:
-    """`loop.tiny_model`'s tokenizer laid out as a multilingual Whisper's: BPE tokens, the empty token, the special
+    """`loop.model.tiny`'s tokenizer laid out as a multilingual Whisper's: BPE tokens, the empty token, the special
     tokens, then fillers to 51,865 tokens; saved in `folder` and loaded back."""
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     train_tokenizer(sentences, bpe_size, "hindi").save_pretrained(folder)

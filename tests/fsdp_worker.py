@@ -17,16 +17,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from loop.accelerator import build_accelerator
-from loop.best_model import write_best_model
-from loop.config_loading import load_config
-from loop.data import build_eval_split
-from loop.evaluation import evaluate
-from loop.features import LogMel
-from loop.loaders import eval_dataloader
-from loop.loss import token_losses
-from loop.model import load_for_inference, load_model
-from loop.sharding import fsdp2_units, full_parameters
+from loop.config.loading import load_config
+from loop.data.loaders import eval_dataloader
+from loop.data.splits import build_eval_split
+from loop.eval.evaluation import evaluate
+from loop.model.features import LogMel
+from loop.model.loading import load_for_inference, load_model
+from loop.model.loss import token_losses
+from loop.model.sharding import fsdp2_units, full_parameters
+from loop.run.accelerator import build_accelerator
+from loop.run.best_model import write_best_model
 
 
 def main(model_dir: str, corpus_dir: str, cache_dir: str, output_dir: str) -> None:

@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from loop.config_loading import load_config
-from loop.sources import SkipLog, find_common_voice_dir, read_common_voice_split
-from loop.tiny_model import build_tiny_whisper
+from loop.config.loading import load_config
+from loop.data.sources import SkipLog, find_common_voice_dir, read_common_voice_split
+from loop.model.tiny import build_tiny_whisper
 
 PROJECT = Path(__file__).resolve().parent.parent
 CORPUS = PROJECT / "assets" / "cv-corpus-17.0-synthetic"
@@ -25,7 +25,7 @@ def corpus_rows(split: str) -> list[dict]:
 
 def build_fast_model(folder: Path, seed: int = 0, shape: str = "v2") -> Path:
     """A smaller, shorter-window Whisper than assets/tiny-whisper-hi (5-s window: every shipped clip is under
-    4 s), so training tests take seconds; `shape` v2 (80 mel bins) or v3 (128, <|yue|>: loop.tiny_model.SHAPES)."""
+    4 s), so training tests take seconds; `shape` v2 (80 mel bins) or v3 (128, <|yue|>: loop.model.tiny.SHAPES)."""
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     return build_tiny_whisper(sentences, folder, vocab_size=600, chunk_length_s=5, d_model=64, layers=2, heads=2,
                               max_target_positions=128, seed=seed, shape=shape)
@@ -42,7 +42,7 @@ def build_decoding_checkpoint(folder: Path, seed: int = 0, shape: str = "v2") ->
     from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 
     from loop.config import EvalConfig
-    from loop.model import set_generation_settings
+    from loop.model.loading import set_generation_settings
 
     build_fast_model(folder, seed, shape)
     model = WhisperForConditionalGeneration.from_pretrained(folder)

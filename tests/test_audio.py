@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from loop.audio import SAMPLE_RATE, AudioError, decode_audio, duration_seconds, to_mono_16k
+from loop.data.audio import SAMPLE_RATE, AudioError, decode_audio, to_mono_16k
+from tests.reference import duration_seconds
 
 
 def tone(seconds: float, rate: int, frequency: float = 1000.0, amplitude: float = 0.5) -> np.ndarray:

@@ -11,9 +11,9 @@ import pytest
 import soundfile
 import torch
 
-from loop.augment import Augmenter, resample, speed_ratio, step_generator
 from loop.config import FIXED_ON_RESUME, AugmentConfig, ConfigError
-from loop.config_loading import from_dict, load_config
+from loop.config.loading import from_dict, load_config
+from loop.data.augment import Augmenter, resample, speed_ratio, step_generator
 
 RATE = 16000
 WINDOW = 5 * RATE  # samples: the tiny models' 5-s window

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop.checkpoint_integrity import (
+from loop.config import ConfigError
+from loop.run.checkpoint_integrity import (
     SET_ASIDE_DIR,
     CheckpointError,
     choose_resume_checkpoint,
     verify_checkpoint,
 )
-from loop.checkpointing import CHECKSUMS_KEY, STATE_FILE, list_checkpoints
-from loop.config import ConfigError
+from loop.run.checkpoints import CHECKSUMS_KEY, STATE_FILE, list_checkpoints
 from loop.train import finish, fit, setup, train
 from tests.helpers import (
     PROJECT,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loop.collator import SpeechSeq2SeqCollator
+from loop.data.collator import SpeechSeq2SeqCollator
 
 SOT, HI, TRANSCRIBE, NOTIMESTAMPS, EOT = 1, 2, 3, 4, 0
 
@@ -15,7 +15,7 @@ def collator(processor):
 
 
 def row(labels, index=0, samples=1000, value=0, scale=1 / 32767, duration=1.5):
-    """A prepared row as the loader reads it: int16 audio and its scale (loop.audio.quantize)."""
+    """A prepared row as the loader reads it: int16 audio and its scale (loop.data.audio.quantize)."""
     return {"audio": np.full(samples, value, dtype=np.int16), "audio_scale": np.float32(scale),
             "labels": np.array(labels), "duration": np.float32(duration), "index": index}
 

@@ -9,14 +9,14 @@ import pytest
 import transformers
 
 from loop.config import SECTIONS, ConfigError, Range, RunConfig, field_docs, field_types, to_dict
-from loop.config_loading import config_warnings, from_dict, list_presets, load_config, parse_overrides
+from loop.config.loading import config_warnings, from_dict, list_presets, load_config, parse_overrides
 from tests.helpers import load_script, reset_accelerate
 
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Configuration must be judged before any model or processor loads: loading one here fails the test. (What
-    is replaced is transformers' loading, the one way in for loop.model, not a function of ours.)"""
+    is replaced is transformers' loading, the one way in for loop.model.loading, not a function of ours.)"""
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model or processor was loaded while validating the configuration")
@@ -237,7 +237,7 @@ def saved_run(tmp_path, *overrides):
 def test_a_resume_that_would_not_continue_the_saved_run_is_refused(tmp_path, capsys):
     from accelerate import Accelerator
 
-    from loop.output_dir import prepare_output_dir
+    from loop.run.output_dir import prepare_output_dir
 
     saved_run(tmp_path, "--train.per_device_train_batch_size=16")
     resume = ["--resume", "--train.per_device_train_batch_size=8", "--train.seed=7", "--data.selection_size=20",

@@ -19,10 +19,9 @@ import pytest
 from conftest import PROJECT
 
 from loop.config import ConfigError, DataConfig
-from loop.config_loading import load_config
-from loop.data import build_datasets, build_eval_split, speaker_disjoint_slice
-from loop.prepare import SplitReport, prepare
-from loop.sources import (
+from loop.config.loading import load_config
+from loop.data.prepare import SplitReport, prepare
+from loop.data.sources import (
     UTTERANCE_FEATURES,
     DataError,
     SkipLog,
@@ -30,6 +29,7 @@ from loop.sources import (
     read_common_voice_split,
     write_manifest,
 )
+from loop.data.splits import build_datasets, build_eval_split, speaker_disjoint_slice
 from tests.corpora import add_bad_rows
 from tests.helpers import load_script
 
@@ -114,7 +114,7 @@ def test_no_shipped_row_is_implausible_and_the_defaults_leave_room(prepared_corp
 def test_the_cache_holds_the_decoded_audio_and_durations_are_kept(prepared_corpus, processor, corpus_dir):
     """Audio, not features: each row's int16 samples times its scale are the clip decoded and resampled to 16 kHz
     (to half a step of its scale), as many samples as its duration says; 2 bytes a sample."""
-    from loop.audio import decode_audio, dequantize
+    from loop.data.audio import decode_audio, dequantize
 
     fe = processor.feature_extractor
     assert (fe.feature_size, fe.nb_max_frames, fe.chunk_length) == (80, 500, 5)  # the tiny model's 5-s window
@@ -457,9 +457,9 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
     returns, in the loader's order, and they collate to equal batches."""
     import torch
 
-    from loop.audio import dequantize
-    from loop.collator import SpeechSeq2SeqCollator
-    from loop.loaders import Rows, longest_first
+    from loop.data.audio import dequantize
+    from loop.data.collator import SpeechSeq2SeqCollator
+    from loop.data.loaders import Rows, longest_first
 
     table = prepared_corpus.test
     rows = Rows(table, longest_first(table))
@@ -481,7 +481,7 @@ def test_a_batched_read_gives_what_row_reads_give(prepared_corpus):
 def test_packing_joins_consecutive_utterances_within_the_window(small_utterances, processor, tmp_path):
     """Every usable utterance lands in exactly one packed row, in order; a row's audio is its utterances' audio
     end to end within the window, its labels are its joined transcript's, and the next utterance did not fit."""
-    from loop.audio import decode_audio, dequantize
+    from loop.data.audio import decode_audio, dequantize
 
     tokenizer = processor.tokenizer
     single, _ = prepare_small(small_utterances, processor, tmp_path)
@@ -513,8 +513,8 @@ def test_packing_joins_consecutive_utterances_within_the_window(small_utterances
 def test_packing_respects_the_label_limit_and_tokenizes_each_join_once():
     """A group stops growing when its joined transcript would exceed the label limit, however short the audio;
     a group's labels are those of the tokenization that admitted its last member (no second pass)."""
-    from loop.audio import SAMPLE_RATE
-    from loop.prepare import Record, pack_groups
+    from loop.data.audio import SAMPLE_RATE
+    from loop.data.rows import Record, pack_groups
 
     class WordTokenizer:  # one token per word, plus 2 for the prefix and <|endoftext|>; counts its calls
         calls = 0

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from loop.config import EvalConfig
-from loop.config_loading import load_config
-from loop.decoding_options import MIN_NEW_TOKENS, DurationCap, describe
-from loop.hallucination import compression_ratio, longest_repeat
-from loop.model import load_for_inference, set_generation_settings
-from loop.sources import write_manifest
-from loop.standalone_eval import DecodeOverrides, run_evaluation
+from loop.config.loading import load_config
+from loop.data.sources import write_manifest
+from loop.eval.hallucination import compression_ratio
+from loop.eval.saved_model import DecodeOverrides, run_evaluation
+from loop.model.decoding_options import MIN_NEW_TOKENS, DurationCap, describe
+from loop.model.loading import load_for_inference, set_generation_settings
 from loop.train import train
 from tests.helpers import corpus_rows, run_config
 
@@ -37,7 +37,7 @@ def test_duration_cap_forces_end_of_text_per_row():
 def test_the_fallback_samples_again_only_the_rows_that_loop_until_they_pass():
     from types import SimpleNamespace
 
-    from loop.decoding_options import FALLBACK_TEMPERATURES, temperature_fallback
+    from loop.model.decoding_options import FALLBACK_TEMPERATURES, temperature_fallback
 
     words = {1: "और", 2: "मैं", 3: "घर", 4: "जा", 5: "रहा", 0: ""}
     decode = lambda ids: [" ".join(words[i] for i in row.tolist() if i) for row in ids]  # noqa: E731

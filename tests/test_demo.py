@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from loop.audio import SAMPLE_RATE, as_cached, decode_audio
+from loop.data.audio import SAMPLE_RATE, as_cached, decode_audio
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MAX_DURATION_S = 20.0  # the checkpoint's window is 5 s: a 12-s clip is long-form, a 25-s clip is over the limit
@@ -60,7 +60,7 @@ def client(decoding_checkpoint):
     """The app served on a free local port, and a gradio_client connected to it; closed after the module."""
     from gradio_client import Client
 
-    from loop.demo import build_app, launch
+    from loop.ship.demo import build_app, launch
 
     app = build_app(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
     launch(app, host="127.0.0.1", port=free_port(), max_file_size="5mb", block=False)
@@ -73,8 +73,8 @@ def client(decoding_checkpoint):
 def test_transcript_equals_transcribe(client, decoding_checkpoint, clips):
     from gradio_client import handle_file
 
-    from loop.evaluation import transcribe
-    from loop.model import load_for_inference
+    from loop.model.decoding import transcribe
+    from loop.model.loading import load_for_inference
 
     model, processor = load_for_inference(str(decoding_checkpoint))
     features = processor.feature_extractor(as_cached(decode_audio(clips[0])), sampling_rate=SAMPLE_RATE,
@@ -102,8 +102,8 @@ def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_cli
     them (a forward pre-hook records what it is given), and the transcript is transcribe_long's."""
     from gradio_client import handle_file
 
-    from loop.demo import Transcriber, transcribe_long
-    from loop.features import pad_waveforms
+    from loop.model.features import pad_waveforms
+    from loop.ship.demo import Transcriber, transcribe_long
 
     text, _ = client.predict(handle_file(long_clip), "hi", "transcribe", api_name="/transcribe")
     assert isinstance(text, str)
@@ -124,7 +124,7 @@ def test_long_audio_goes_through_long_form(client, decoding_checkpoint, long_cli
 
 
 def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, clips):
-    from loop.demo import DemoInputError, Transcriber
+    from loop.ship.demo import DemoInputError, Transcriber
 
     transcriber = Transcriber(decoding_checkpoint)
     assert (transcriber.language, transcriber.task, transcriber.window_s) == ("hi", "transcribe", 5.0)
@@ -136,7 +136,7 @@ def test_transcribe_file_language_and_task_are_per_call(decoding_checkpoint, cli
 
 def test_long_form_reports_progress(decoding_checkpoint, long_clip):
     """gr.Progress gets the share of the recording decoded before each window: from 0, rising, below 1."""
-    from loop.demo import Transcriber
+    from loop.ship.demo import Transcriber
 
     transcriber = Transcriber(decoding_checkpoint, max_duration_s=MAX_DURATION_S)
     shares = []
@@ -147,8 +147,8 @@ def test_long_form_reports_progress(decoding_checkpoint, long_clip):
 
 def test_the_model_is_named_by_its_card(tmp_path, decoding_checkpoint):
     from loop.config import RunConfig
-    from loop.demo_sources import card_name
-    from loop.model_card import render_model_card
+    from loop.ship.demo_sources import card_name
+    from loop.ship.model_card import render_model_card
 
     best = tmp_path / "runs" / "my-run" / "best"
     best.mkdir(parents=True)
@@ -165,8 +165,8 @@ def test_the_model_is_named_by_its_card(tmp_path, decoding_checkpoint):
 
 
 def test_the_page_offers_shipped_clips_names_the_model_and_says_how_it_decodes(decoding_checkpoint, corpus_dir):
-    from loop.demo import LONG_FORM, build_app
-    from loop.demo_sources import example_clips
+    from loop.ship.demo import LONG_FORM, build_app
+    from loop.ship.demo_sources import example_clips
     from tests.helpers import corpus_rows
 
     clips = example_clips()

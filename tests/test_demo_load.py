@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from loop.audio import SAMPLE_RATE, decode_audio
+from loop.data.audio import SAMPLE_RATE, decode_audio
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONCURRENT = 16
@@ -49,7 +49,7 @@ def clips(corpus_dir):
 @pytest.fixture(scope="module")
 def served(decoding_checkpoint):
     """(transcriber, app) served on a free local port; closed after the module."""
-    from loop.demo import Transcriber, launch, make_blocks
+    from loop.ship.demo import Transcriber, launch, make_blocks
 
     transcriber = Transcriber(decoding_checkpoint, max_duration_s=20.0)
     app = make_blocks(transcriber, max_queue=32)
@@ -99,8 +99,8 @@ def test_uploads_that_lie_get_a_clear_answer_and_the_app_keeps_serving(served, c
     import httpx
     from gradio_client.exceptions import AppError
 
-    from loop.demo import DemoInputError
-    from loop.demo_sources import wav_header_note
+    from loop.ship.demo import DemoInputError
+    from loop.ship.demo_sources import wav_header_note
 
     transcriber, app = served
     good = transcriber.transcribe_file(clips[1], "hi", "transcribe")[0]

@@ -1,7 +1,7 @@
 """`train.deterministic`: two identical runs, and a run killed with kill -9 and resumed, end with bitwise-equal
 weights, with dropout, SpecAugment and augmentation on; without it, two identical runs differ.
 
-The setting is chosen to reach the kernel that made runs differ (`loop/determinism.py`): two CPU threads and a
+The setting is chosen to reach the kernel that made runs differ (`loop/run/determinism.py`): two CPU threads and a
 batch whose positional-embedding gradient has more than 32,768 elements (16 rows x 30-odd label tokens x 64
 channels), where PyTorch accumulates `weight[position_ids]`'s gradient with parallel atomic adds.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop.checkpointing import list_checkpoints
+from loop.run.checkpoints import list_checkpoints
 from loop.train import fit, setup
 from tests.helpers import PROJECT, child_env, reset_accelerate, run_config, script_command
 

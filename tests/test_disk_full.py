@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from loop.checkpoint_integrity import verify_checkpoint
-from loop.checkpointing import list_checkpoints
+from loop.run.checkpoint_integrity import verify_checkpoint
+from loop.run.checkpoints import list_checkpoints
 from loop.train import setup
 from tests.helpers import PROJECT, child_env, reset_accelerate, run_config, script_command
 

@@ -32,7 +32,7 @@ def test_the_fsdp_config_wraps_whisper_layers_in_bf16_with_sharded_checkpoints(t
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import StateDictType
 
-    from loop.model import load_weights
+    from loop.model.loading import load_weights
 
     config = cluster_config("fsdp.yaml")
     assert (config.distributed_type, config.mixed_precision) == ("FSDP", "bf16")

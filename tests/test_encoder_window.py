@@ -1,4 +1,4 @@
-"""The dynamic encoder window (loop/encoder_window.py): a full window gives the stock encoder's outputs bit for bit,
+"""The dynamic encoder window (loop/model/encoder_window.py): a full window gives the stock encoder's outputs bit for bit,
 a short one the outputs of a stock encoder built for that window; the model saves and loads as stock Whisper,
 records its window, generates from short features; `window_frames` at its edges; `load_model` applies the option.
 On the tiny model (80 mel bins, a 5-s window of 500 frames) and a random 128-mel-bin Whisper (30 s, 3000 frames)."""
@@ -16,7 +16,8 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from loop.config import ModelConfig
-from loop.encoder_window import (
+from loop.model.decoding import generate_ids
+from loop.model.encoder_window import (
     ShortInputWhisperEncoder,
     allow_short_inputs,
     full_window_frames,
@@ -25,8 +26,7 @@ from loop.encoder_window import (
     saved_encoder_window,
     window_frames,
 )
-from loop.evaluation import generate_ids
-from loop.model import load_for_inference, load_model, load_weights
+from loop.model.loading import load_for_inference, load_model, load_weights
 
 HOP, RATE = 160, 16000
 

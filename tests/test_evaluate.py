@@ -9,12 +9,12 @@ import subprocess
 
 import pytest
 
-from loop.hallucination import hallucination_metrics, utterance_flags
-from loop.metrics import error_rates
-from loop.model import load_for_inference
-from loop.report import read_predictions_jsonl
-from loop.standalone_eval import DecodeOverrides, same_preparation
+from loop.eval.hallucination import hallucination_metrics, utterance_flags
+from loop.eval.metrics import error_rates
+from loop.eval.saved_model import DecodeOverrides, same_preparation
+from loop.model.loading import load_for_inference
 from tests.helpers import DECODE_MAX_LENGTH, PROJECT, child_env, run_evaluate_script, script_command
+from tests.reference import read_predictions_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SAMPLES = 8
@@ -94,12 +94,12 @@ def test_one_decoding_three_paths(evaluated, decoding_checkpoint, corpus_dir, se
     from accelerate import Accelerator
     from transformers import WhisperForConditionalGeneration
 
-    from loop.config_loading import load_config
-    from loop.data import PreparedData, build_eval_split
-    from loop.demo import Transcriber
-    from loop.evaluation import evaluate
-    from loop.features import LogMel
-    from loop.model import load_processor
+    from loop.config.loading import load_config
+    from loop.data.splits import PreparedData, build_eval_split
+    from loop.eval.evaluation import evaluate
+    from loop.model.features import LogMel
+    from loop.model.loading import load_processor
+    from loop.ship.demo import Transcriber
     from loop.train import get_dataloaders
 
     config = load_config(None, [f"--model.name_or_path={decoding_checkpoint}", f"--data.path={corpus_dir}",
@@ -193,10 +193,10 @@ def test_one_encoder_pass_decodes_as_generate_does(decoding_checkpoint):
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from loop.audio import decode_audio, quantize
-    from loop.collator import SpeechSeq2SeqCollator
-    from loop.evaluation import generate_ids, shares_cross_attention
-    from loop.loss import token_losses
+    from loop.data.audio import decode_audio, quantize
+    from loop.data.collator import SpeechSeq2SeqCollator
+    from loop.model.decoding import generate_ids, shares_cross_attention
+    from loop.model.loss import token_losses
     from tests.helpers import corpus_rows
 
     rows = corpus_rows("test")[:4]

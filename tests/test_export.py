@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from loop.audio import decode_audio
-from loop.config_loading import load_config
-from loop.parity import read_clips, run_parity
+from loop.config.loading import load_config
+from loop.data.audio import decode_audio
+from loop.ship.parity import read_clips, run_parity
 from tests.export_models import build_multilingual_tiny_whisper
 from tests.helpers import CORPUS, child_env, corpus_rows, load_script, reset_accelerate
 
@@ -113,7 +113,7 @@ def test_int8_export_is_smaller_and_within_tolerance(float32_export, model_dir, 
 
 
 def test_a_quantized_export_over_the_tolerance_fails(float32_export):
-    from loop.parity import parity_failures
+    from loop.ship.parity import parity_failures
 
     report = read_json(float32_export[1] / "parity.json")
     worse = {**report, "quantization": "int8", "wer_tolerance": 2.0, "wer_difference": 2.5,
@@ -128,7 +128,7 @@ def test_parity_fails_loudly_when_the_export_is_another_model(float32_export, ca
     other = build_multilingual_tiny_whisper(tmp_path / "other", seed=1)
     export = shutil.copytree(float32_export[1], tmp_path / "export")
     config = load_config(None, [f"--data.path={CORPUS}", f"--data.cache_dir={cache_dir}"])
-    from loop.export import read_source_model
+    from loop.ship.export import read_source_model
 
     source = read_source_model(other)
     clips = read_clips(config, source.processor, source.config.max_target_positions, 2)
@@ -157,8 +157,8 @@ def test_best_folder_converts_by_hand(model_dir, tmp_path):
     from accelerate import Accelerator
     from transformers import WhisperForConditionalGeneration
 
-    from loop.best_model import write_best_model
-    from loop.model import load_processor
+    from loop.model.loading import load_processor
+    from loop.run.best_model import write_best_model
 
     model = WhisperForConditionalGeneration.from_pretrained(model_dir)
     best = write_best_model(Accelerator(cpu=True), model, load_processor(str(model_dir)), tmp_path / "run")
@@ -275,7 +275,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(model_dir, tmp_path):
 
 def test_the_model_card_tells_how_to_export(model_dir, tmp_path):
     """A model faster-whisper can run gets the export command and the faster-whisper snippet on its card."""
-    from loop.model_card import write_model_card
+    from loop.ship.model_card import write_model_card
 
     best = shutil.copytree(model_dir, tmp_path / "run" / "best")
     config = load_config("quickstart", ["--train.hub_model_id=me/whisper-hi"], str(tmp_path / "run"))

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from loop.checkpointing import STATE_FILE, list_checkpoints
+from loop.run.checkpoints import STATE_FILE, list_checkpoints
 from loop.train import finish, fit, setup
 from tests.helpers import PROJECT, child_env, run_config, script_command
 

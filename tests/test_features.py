@@ -9,9 +9,10 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from benchmarks.reference_recipe import numpy_path_feature_extractor
-from loop.audio import SAMPLE_RATE, decode_audio, dequantize, quantize
-from loop.features import LogMel, log_mel_features, pad_waveforms
+from loop.data.audio import SAMPLE_RATE, decode_audio, dequantize, quantize
+from loop.model.features import LogMel, pad_waveforms
 from tests.helpers import corpus_rows
+from tests.reference import log_mel_features
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_batched_torch_features_match_the_numpy_path(waveforms, chunk_length):
 
 @pytest.mark.parametrize("chunk_length", [30, 5])
 def test_trimmed_stft_features_match_the_numpy_path(waveforms, chunk_length):
-    """loop.features.log_mel_features (LogMel on host audio, as the loop computes it per batch) skips the
+    """loop.model.features.log_mel_features (LogMel on host audio, as the loop computes it per batch) skips the
     padding's STFT and still gives the same features, batched or not."""
     fe = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_length)
     expected = numpy_path(fe, waveforms)
@@ -112,7 +113,7 @@ def test_features_stay_float32_under_autocast(waveforms):
 
 
 def test_the_cached_int16_audio_gives_the_same_features(waveforms):
-    """The prepared cache stores int16 samples and a per-clip scale (loop.audio.quantize): features from them
+    """The prepared cache stores int16 samples and a per-clip scale (loop.data.audio.quantize): features from them
     differ from the float audio's only in bins near the 80-dB floor (mean 7e-5, at most 0.02 here, a tenth of a
     dB), and less than float16 storage's would (the alternative at the same size)."""
     fe = WhisperFeatureExtractor(feature_size=80, chunk_length=5)

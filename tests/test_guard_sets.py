@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from loop.checkpointing import LoopState
 from loop.config import ConfigError, GuardSet
-from loop.config_loading import load_config
-from loop.guard_sets import guard_summary, language_id_drops
+from loop.config.loading import load_config
+from loop.eval.guard_sets import guard_summary, language_id_drops
+from loop.run.checkpoints import LoopState
 from loop.train import train
 from tests.helpers import CORPUS, run_config, tensorboard_scalars
 
@@ -76,10 +76,10 @@ def test_guard_sets_are_decoded_in_their_own_language(decoding_checkpoint, tmp_p
     import torch
     from accelerate import Accelerator
 
-    from loop.evaluation import evaluate
-    from loop.features import LogMel
-    from loop.guard_sets import build_guard_sets, attach_loaders
-    from loop.model import load_for_inference
+    from loop.eval.evaluation import evaluate
+    from loop.eval.guard_sets import attach_loaders, build_guard_sets
+    from loop.model.features import LogMel
+    from loop.model.loading import load_for_inference
 
     model, processor = load_for_inference(str(decoding_checkpoint))
     config = load_config("quickstart", [f"--model.name_or_path={decoding_checkpoint}", f"--data.cache_dir={tmp_path}",

@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 
-from loop.hallucination import (
+from loop.eval.hallucination import (
     COMPRESSION_RATIO_THRESHOLD,
     compression_ratio,
     hallucination_metrics,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 
-from loop.cache_files import marker_path
+from loop.data.cache_files import marker_path
 from tests.helpers import PROJECT, child_env, load_script, script_command
 
 ARGS = ("--config", "quickstart", "--data.num_proc=1")

@@ -4,8 +4,9 @@ transformers' own `detect_language`, and reads the ids from the model's generati
 import pytest
 import torch
 
-from loop.language_id import detect_languages, language_id_share, language_token_ids
-from loop.model import load_for_inference
+from loop.eval.language_id import language_id_share, language_token_ids
+from loop.model.loading import load_for_inference
+from tests.reference import detect_languages
 
 
 def test_detected_languages_match_transformers_detect_language(tiny_model_dir):

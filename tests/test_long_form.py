@@ -1,4 +1,4 @@
-"""Long-form evaluation (`scripts/evaluate.py --long_form`, loop/long_form.py): recordings joined from hand-made
+"""Long-form evaluation (`scripts/evaluate.py --long_form`, loop/eval/long_form.py): recordings joined from hand-made
 rows (offsets, references, speaker grouping), the boundary attribution on hand-made alignments, the pipeline's
 chunk boundaries against its own chunk iterator, and an end-to-end run on the shipped test split whose figures are
 recomputed from the transcripts it wrote."""
@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from loop.long_form import LongFormOptions, build_recordings, chunk_boundaries
-from loop.long_form_metrics import boundary_errors, boundary_word_positions, score_long_form
-from loop.metrics import compute_metrics, error_rates
-from loop.sources import DataError
+from loop.data.sources import DataError
+from loop.eval.long_form import LongFormOptions, build_recordings, chunk_boundaries
+from loop.eval.long_form_metrics import boundary_errors, boundary_word_positions, score_long_form
+from loop.eval.metrics import compute_metrics, error_rates
 from tests.helpers import DECODE_MAX_LENGTH, run_evaluate_script
 
 RATE = 100  # samples per second in the hand-made rows: lengths read as centiseconds
@@ -159,10 +159,10 @@ def test_sequential_transcripts_are_the_demos_long_form_decoding(long_form_run, 
     the transcript the evaluation wrote."""
     import torch
 
-    from loop.audio import as_cached, decode_audio
-    from loop.features import LogMel, pad_waveforms
-    from loop.long_form import transcribe_long
-    from loop.model import load_for_inference
+    from loop.data.audio import as_cached, decode_audio
+    from loop.eval.long_form import transcribe_long
+    from loop.model.features import LogMel, pad_waveforms
+    from loop.model.loading import load_for_inference
 
     recording = read_jsonl(long_form_run / "long_form_predictions.jsonl")[0]
     waveform = np.zeros(round(recording["seconds"] * 16000), np.float32)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop.checkpointing import list_checkpoints
 from loop.config import ConfigError
-from loop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loop.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loop.run.checkpoints import list_checkpoints
 from loop.train import finish, fit, setup, train
 from tests.helpers import reset_accelerate, run_config, tensorboard_scalars
 
@@ -84,12 +84,12 @@ def test_merged_model_and_adapter_on_base_agree(tmp_path, decoding_checkpoint):
     from peft import PeftModel
     from transformers import WhisperForConditionalGeneration
 
-    from loop.audio import decode_audio
-    from loop.best_model import write_merged_and_adapter
     from loop.config import ModelConfig
-    from loop.features import LogMel
-    from loop.lora import apply_lora
-    from loop.model import load_for_inference, load_processor
+    from loop.data.audio import decode_audio
+    from loop.model.features import LogMel
+    from loop.model.loading import load_for_inference, load_processor
+    from loop.model.lora import apply_lora
+    from loop.run.best_model import write_merged_and_adapter
     from tests.helpers import corpus_rows
 
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_lora_and_bitsandbytes_options_are_checked(tmp_path, tiny_model_dir, ses
     assert any("gate_proj is not one of" in p for p in found)
     assert any("leaves nothing to train" in p for p in found)
     assert any("needs model.lora=true" in p for p in problems("--model.quantization=8bit"))
-    from loop.config_loading import config_warnings
+    from loop.config.loading import config_warnings
 
     slow = run_config(tmp_path, tiny_model_dir, session_cache_dir, "--model.lora=true", "--train.learning_rate=1e-5")
     assert any("model.lora with train.learning_rate=1e-05" in w for w in config_warnings(slow))
@@ -207,7 +207,7 @@ def test_lora_and_bitsandbytes_options_are_checked(tmp_path, tiny_model_dir, ses
 def test_setup_refuses_bitsandbytes_without_cuda():
     """The same stop where a config skipped validation (built in code): loading and the optimizer refuse."""
     from loop.config import ModelConfig, TrainConfig
-    from loop.lora import quantized_loading
+    from loop.model.lora import quantized_loading
     from loop.optimizers import build_optimizer
 
     if torch.cuda.is_available():
@@ -230,7 +230,7 @@ def test_bitsandbytes_options_train_resume_and_merge_on_a_gpu(tmp_path, fast_mod
     adapter-only checkpoint, and its best/ (a quantized base dequantized, then merged) is a float32 Whisper whose
     logits are close to the training model's. (The fast model's adapter matrices are under AdamW8bit's 4096-value
     minimum for 8-bit state, so that option's code path runs here, its 8-bit moments only on a larger model.)"""
-    from loop.model import load_for_inference
+    from loop.model.loading import load_for_inference
     from tests.helpers import StopAt
 
     config = lora_run(tmp_path, fast_model, session_cache_dir, "--train.mixed_precision=bf16", "--train.max_steps=8",

@@ -1,4 +1,4 @@
-"""Tests for loop.metrics: expected values are counted by hand in the comments."""
+"""Tests for loop.eval.metrics: expected values are counted by hand in the comments."""
 
 import unicodedata
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-from loop.metrics import (
+from loop.eval.metrics import (
     aligned_ops,
     alignment_counts,
     compute_metrics,

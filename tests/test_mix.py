@@ -10,12 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from loop.checkpointing import list_checkpoints
 from loop.config import ConfigError, MixSource, to_dict
-from loop.config_loading import from_dict, load_config
-from loop.data import build_datasets
-from loop.loaders import train_dataloader
-from loop.samplers import MixedSampler, epoch_quotas, mixed_epoch_order
+from loop.config.loading import from_dict, load_config
+from loop.data.loaders import train_dataloader
+from loop.data.samplers import MixedSampler, epoch_quotas, mixed_epoch_order
+from loop.data.splits import build_datasets
+from loop.run.checkpoints import list_checkpoints
 from loop.train import finish, fit, setup, train
 from tests.helpers import CORPUS, reset_accelerate, tensorboard_scalars
 

@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 import yaml
 
-from loop.audio import decode_audio
-from loop.config_loading import load_config
-from loop.model_card import dataset_id, push_to_hub, write_model_card
+from loop.config.loading import load_config
+from loop.data.audio import decode_audio
+from loop.ship.model_card import dataset_id, push_to_hub, write_model_card
 from tests.helpers import child_env, corpus_rows
 
 RESULTS = {  # what loop.train.finish() writes to results.json
@@ -89,12 +89,12 @@ def how_to_use_snippet(card: str) -> str:
 
 def test_card_snippet_runs_as_written(best_dir, tmp_path):
     """The card's "How to use", run as a user would (a fresh interpreter, offline, their own MP3): soundfile and
-    soxr give the pipeline 16-kHz audio, and its transcript is `loop.evaluation.transcribe`'s for that clip."""
+    soxr give the pipeline 16-kHz audio, and its transcript is `loop.eval.evaluation.transcribe`'s for that clip."""
     import torch
 
-    from loop.evaluation import transcribe
-    from loop.features import log_mel_features
-    from loop.model import load_for_inference
+    from loop.model.decoding import transcribe
+    from loop.model.loading import load_for_inference
+    from tests.reference import log_mel_features
 
     config = load_config("quickstart", [], str(best_dir.parent))  # the card names best_dir, absolute
     snippet = how_to_use_snippet(write_model_card(best_dir, RESULTS, config).read_text(encoding="utf-8"))

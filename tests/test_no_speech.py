@@ -5,16 +5,16 @@ silence where one trained without them speaks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from loop.audio import SAMPLE_RATE, dequantize
 from loop.config import ConfigError
-from loop.config_loading import load_config
-from loop.data import build_datasets
-from loop.no_speech import (
+from loop.config.loading import load_config
+from loop.data.audio import SAMPLE_RATE, dequantize
+from loop.data.no_speech import (
     GENERATED_KINDS,
     LEVEL_DBFS,
     no_speech_count,
@@ -23,6 +23,7 @@ from loop.no_speech import (
     pink_noise,
     synthesize,
 )
+from loop.data.splits import build_datasets
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread only waits
 DURATIONS = [1.25, 2.5, 3.75]
@@ -88,6 +89,20 @@ def test_rows_come_from_the_cache_and_its_name_follows_the_seed(processor, tmp_p
     assert all(np.array_equal(a, b) for a, b in zip(waveforms(first), waveforms(again)))
 
 
+def test_their_cache_is_reused_only_under_a_completion_marker(processor, tmp_path):
+    """As the prepared splits: a cache file cut short (a crash before it was durable) is made again, not read."""
+    first = no_speech_rows(6, DURATIONS, seed=0, tokenizer=processor.tokenizer, cache_dir=tmp_path)
+    expected = waveforms(first)
+    cache_file = Path(first.cache_files[0]["filename"])
+    markers = list(tmp_path.glob("no_speech-*.complete.json"))
+    assert [m.name for m in markers] == [cache_file.name.replace(".arrow", ".complete.json")]
+    del first
+    cache_file.write_bytes(cache_file.read_bytes()[: cache_file.stat().st_size // 2])
+    again = no_speech_rows(6, DURATIONS, seed=0, tokenizer=processor.tokenizer, cache_dir=tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(waveforms(again), expected))
+    assert len(again) == 6 and cache_file.stat().st_size > 0
+
+
 def test_rows_from_a_folder_are_excerpts_of_its_clips(processor, tmp_path):
     folder = tmp_path / "noise"
     (folder / "sub").mkdir(parents=True)
@@ -141,9 +156,9 @@ def silent_clips(count: int = 12) -> list[np.ndarray]:
 
 def empty_share(model_dir, clips) -> float:
     """Share of `clips` that the saved model at `model_dir` transcribes as the empty string."""
-    from loop.evaluation import transcribe
-    from loop.model import load_for_inference
-    from loop.no_speech import allow_empty_transcripts
+    from loop.data.no_speech import allow_empty_transcripts
+    from loop.model.decoding import transcribe
+    from loop.model.loading import load_for_inference
 
     model, processor = load_for_inference(str(model_dir))
     allow_empty_transcripts(model.generation_config)  # both models may end at once: what they learned decides

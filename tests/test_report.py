@@ -1,4 +1,4 @@
-"""loop/report.py on hand-made predictions: bucket WERs and error counts checked by hand, the Markdown and HTML."""
+"""loop/eval/report.py on hand-made predictions: bucket WERs and error counts checked by hand, the Markdown and HTML."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import re
 import datasets
 import pytest
 
-from loop.report import (
+from loop.eval.report import (
     audio_element,
     duration_bucket_rates,
     largest_differences,
     mark_errors,
-    read_predictions_jsonl,
     top_errors,
     utterance_rows,
     write_predictions_jsonl,
     write_report_html,
     write_report_md,
 )
+from tests.reference import read_predictions_jsonl
 
 
 def row(index, reference, hypothesis, duration, audio_path=""):
-    from loop.metrics import utterance_error_rates
+    from loop.eval.metrics import utterance_error_rates
 
     wer, cer = utterance_error_rates(reference, hypothesis)
     return {"index": index, "id": f"utt{index}", "audio_path": audio_path, "reference": reference,

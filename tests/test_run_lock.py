@@ -16,12 +16,12 @@ import time
 
 import pytest
 
-from loop import run_lock
-from loop.run_lock import LOCK_FILE, FolderInUseError
+from loop.run import lock as run_lock
+from loop.run.lock import LOCK_FILE, FolderInUseError
 from loop.train import setup
 from tests.helpers import PROJECT, child_env, run_config, run_evaluate_script, script_command
 
-HOLD_LOCK = ("import sys, time; from loop.run_lock import acquire; acquire(sys.argv[1], 'a test holder'); "
+HOLD_LOCK = ("import sys, time; from loop.run.lock import acquire; acquire(sys.argv[1], 'a test holder'); "
              "print('held', flush=True); time.sleep(600)")
 
 
@@ -107,7 +107,7 @@ def test_the_lock_is_not_inherited_by_forked_children(tmp_path):
 def test_the_demo_only_reads_the_run_folder(tmp_path, decoding_checkpoint, corpus_dir):
     """The demo loads best/ and transcribes; gradio keeps uploads in its own temporary folder: the run's folder
     is unchanged."""
-    from loop.demo import Transcriber
+    from loop.ship.demo import Transcriber
 
     best = tmp_path / "run" / "best"
     shutil.copytree(decoding_checkpoint, best)

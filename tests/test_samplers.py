@@ -1,4 +1,4 @@
-"""Length-grouped training order (loop/samplers.py): every row once per epoch, far less padding than random batches
+"""Length-grouped training order (loop/data/samplers.py): every row once per epoch, far less padding than random batches
 on the shipped corpus' durations, an order set by (seed, epoch) alone, and, through `accelerator.prepare`, the same
 batches after `set_epoch` and an exact continuation after `skip_first_batches`, on one process and split over two."""
 
@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from torch.utils.data import DataLoader
 
-from loop.loaders import train_dataloader
-from loop.samplers import LengthGroupedSampler, length_grouped_batches
+from loop.data.loaders import train_dataloader
+from loop.data.samplers import LengthGroupedSampler, length_grouped_batches
 from tests.conftest import CORPUS_ROOT
 
 BATCH = 16

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from loop.checkpointing import list_checkpoints
+from loop.run.checkpoints import list_checkpoints
 from tests.helpers import PROJECT, child_env, script_command, tensorboard_scalars
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import SPLIT_SIZES, tsv_lines
 
-from loop.audio import decode_audio
 from loop.config import DataConfig
-from loop.sources import (
+from loop.data.audio import decode_audio
+from loop.data.sources import (
     UTTERANCE_FEATURES,
     DataError,
     SkipLog,

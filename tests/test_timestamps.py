@@ -9,14 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from loop.audio import SAMPLE_RATE
-from loop.timestamp_eval import (
-    boundary_error,
-    evaluate_timestamps,
-    parse_timestamps,
-    score_timestamps,
-)
-from loop.timestamps import (
+from loop.data.audio import SAMPLE_RATE
+from loop.data.timestamp_labels import (
     TimestampSettings,
     TimestampTokens,
     quantize_down,
@@ -24,6 +18,12 @@ from loop.timestamps import (
     speech_bounds,
     timestamp_label_ids,
     wants_timestamps,
+)
+from loop.eval.timestamps import (
+    boundary_error,
+    evaluate_timestamps,
+    parse_timestamps,
+    score_timestamps,
 )
 from tests.test_data import prepare_small
 
@@ -115,7 +115,7 @@ def prepared_timestamps(tmp_path_factory, processor):
     timestamps, and the same rows with none."""
     import datasets
 
-    from loop.sources import UTTERANCE_FEATURES, SkipLog, read_common_voice_split
+    from loop.data.sources import UTTERANCE_FEATURES, SkipLog, read_common_voice_split
     from tests.helpers import CORPUS
 
     rows = read_common_voice_split(CORPUS / "hi", "test", SkipLog())[:16]
@@ -172,7 +172,7 @@ def test_packed_rows_get_a_segment_per_utterance_at_its_offset(prepared_timestam
 def test_the_share_is_in_the_cache_and_its_name(prepared_timestamps, processor):
     """A share of the rows is timestamped, the same on a second preparation (read from the cache, whose name
     changes with the share and the seed) and in the report."""
-    from loop.prepare import SplitReport, prepare
+    from loop.data.prepare import SplitReport, prepare
 
     utterances, cache = prepared_timestamps["utterances"], prepared_timestamps["cache"]
 
@@ -297,8 +297,8 @@ def test_training_with_a_timestamp_share_learns_timestamps_and_without_it_does_n
     """The small Whisper memorises 8 clips, packed to its 5-s window, with half the rows timestamped or none:
     decoded with timestamps, the first writes well-formed segments near the speech, the second does not. The
     loop's own evaluation logs the timestamp figures when the share is above 0."""
-    from loop.features import LogMel
-    from loop.model import load_for_inference
+    from loop.model.features import LogMel
+    from loop.model.loading import load_for_inference
     from loop.train import train
     from tests.helpers import reset_accelerate, tensorboard_scalars
     from tests.test_train import memorising_run
@@ -315,7 +315,7 @@ def test_training_with_a_timestamp_share_learns_timestamps_and_without_it_does_n
         logged = tensorboard_scalars(folder / "out", "eval/timestamp_single_well_formed_percent")
         assert (set(logged) == {120}) == (fraction > 0)
         model, processor = load_for_inference(str(folder / "out" / "best"))
-        from loop.data import build_eval_split
+        from loop.data.splits import build_eval_split
 
         table, _ = build_eval_split(config, processor, model.config.max_target_positions, split="train")
         scores[fraction] = evaluate_timestamps(model, processor.tokenizer, table, LogMel(processor.feature_extractor),

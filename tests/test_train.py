@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop.checkpointing import LoopState, list_checkpoints, rotate_checkpoints
-from loop.collator import SpeechSeq2SeqCollator
-from loop.loaders import Rows
-from loop.sources import write_manifest
-from loop.train import finish, fit, get_lr_scheduler, optimizer_step, run_selection_eval, setup, train
+from loop.data.collator import SpeechSeq2SeqCollator
+from loop.data.loaders import Rows
+from loop.data.sources import write_manifest
+from loop.optimizers import get_lr_scheduler
+from loop.run.checkpoints import LoopState, list_checkpoints, rotate_checkpoints
+from loop.train import finish, fit, optimizer_step, run_selection_eval, setup, train
 from tests.helpers import (
     PROJECT,
     StopAt,
@@ -67,7 +68,7 @@ def test_overfits_eight_utterances(tmp_path, fast_model, session_cache_dir):
     waits = tensorboard_scalars(tmp_path / "out", "train/data_wait_fraction")
     assert waits.keys() == losses.keys() and all(0 <= w < 1 for w in waits.values())
     # every step holds all 8 utterances: audio seconds per sample is their mean duration
-    from loop.audio import SAMPLE_RATE, decode_audio
+    from loop.data.audio import SAMPLE_RATE, decode_audio
 
     mean_duration = sum(len(decode_audio(row["audio_path"])) for row in rows) / SAMPLE_RATE / len(rows)
     audio_rate = tensorboard_scalars(tmp_path / "out", "train/audio_seconds_per_second")[160]
@@ -123,7 +124,7 @@ def test_the_wait_for_data_is_measured(monkeypatch):
 def test_dropout_and_spec_augment_are_live_in_training_steps(tmp_path, fast_model, session_cache_dir):
     """`from_pretrained` hands models back in eval mode; the loop must train in training mode, before and after
     an evaluation, so dropout and SpecAugment act when asked for: the same batch then gives two different losses."""
-    from loop.loss import token_losses
+    from loop.model.loss import token_losses
 
     run = setup(small_run(tmp_path, fast_model, session_cache_dir, "--model.dropout=0.1", "--train.max_steps=1",
                           "--train.report_to=none"))

@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 
-from loop.collator import SpeechSeq2SeqCollator
 from loop.config import ModelConfig
-from loop.features import LogMel
-from loop.model import ModelLoadError, load_for_inference, load_model
-from loop.report import read_predictions_jsonl
-from loop.token_layout import TokenLayout
+from loop.data.collator import SpeechSeq2SeqCollator
+from loop.model.features import LogMel
+from loop.model.loading import ModelLoadError, load_for_inference, load_model
+from loop.model.token_layout import TokenLayout
 from tests.conftest import PROJECT, TINY_MODELS
 from tests.helpers import DECODE_MAX_LENGTH, run_evaluate_script
+from tests.reference import read_predictions_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SHAPES = ["v2", "v3"]
@@ -75,9 +75,9 @@ def test_the_two_tiny_models_differ_as_v2_and_v3_do(loaded):
 def test_labels_and_features_follow_the_models_own_files(shape, loaded, corpus_dir, session_cache_dir):
     """Prepared labels start with the model's own prefix and end with its <|endoftext|>, the collator strips its
     <|startoftranscript|>, the features have its mel bins, and the model scores the batch."""
-    from loop.config_loading import load_config
-    from loop.data import build_eval_split
-    from loop.loss import token_losses
+    from loop.config.loading import load_config
+    from loop.data.splits import build_eval_split
+    from loop.model.loss import token_losses
 
     model, processor, layout = loaded[shape]
     config = load_config(None, [f"--model.name_or_path={tiny(shape)}", f"--data.path={corpus_dir}",
@@ -98,7 +98,7 @@ def test_labels_and_features_follow_the_models_own_files(shape, loaded, corpus_d
 def test_generation_starts_from_the_models_own_prefix(shape, loaded):
     """`transcribe` (the loop's, evaluate.py's and the demo's decoding) feeds the decoder the model's own
     <|startoftranscript|><|hi|><|transcribe|><|notimestamps|> and never emits a suppressed task token."""
-    from loop.evaluation import transcribe
+    from loop.model.decoding import transcribe
 
     model, processor, layout = loaded[shape]
     model.eval().generation_config.max_length = 8
@@ -142,7 +142,7 @@ def test_a_processor_of_the_other_generation_is_refused(tmp_path):
 def test_evaluate_and_the_demo_on_a_v3_checkpoint(tmp_path, decoding_checkpoint, corpus_dir, session_cache_dir):
     """scripts/evaluate.py on a v3-shaped checkpoint, compared with the v2-shaped tiny model on the same utterances
     (prepared again for it: other ids, other mel bins), and the demo's transcribe_file giving the same hypotheses."""
-    from loop.demo import Transcriber
+    from loop.ship.demo import Transcriber
 
     out = tmp_path / "evaluated"
     code = run_evaluate_script("--model", decoding_checkpoint, "--data.path", corpus_dir, "--data.eval_split", "test",

@@ -1,0 +1,28 @@
+"""Token cross-entropy of a batch, shared by the training step and the evaluation loss.
+
+The model is called with decoder inputs rather than `labels`: given labels, Whisper computes a mean loss of its
+own over the whole vocabulary, which the loop would throw away (it needs sums to weight micro-batches and rows
+exactly). No KV cache is built either: the whole target sequence is scored in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from loop.data.collator import IGNORE_INDEX
+
+
+def token_losses(model, batch: dict, encoder_outputs=None, cache=None) -> torch.Tensor:
+    """(batch, label_length) cross-entropy of every target token, 0 at padded positions. With `encoder_outputs`
+    (the encoder's output for `batch["input_features"]`) the encoder is not run again. With `cache` (an empty
+    `EncoderDecoderCache`) the pass leaves the cross-attention keys and values of the encoder output in it, for
+    generation to reuse."""
+    config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    inputs = {"encoder_outputs": encoder_outputs} if encoder_outputs is not None else {"input_features": batch["input_features"]}
+    caching = {"use_cache": False} if cache is None else {"use_cache": True, "cache": cache}
+    logits = model(**inputs, decoder_input_ids=decoder_input_ids, **caching).logits
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
