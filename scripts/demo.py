@@ -9,8 +9,13 @@ Listens on 127.0.0.1 only unless --host says otherwise; --share asks Gradio for 
 import argparse
 import sys
 
+from loop.extras import MissingExtra
 from loop.model.loading import ModelLoadError
-from loop.ship.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE, build_app, launch
+
+try:
+    from loop.ship.demo import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_QUEUE, build_app, launch
+except MissingExtra as missing:  # said in one line, before any argument is parsed
+    sys.exit(f"error: {missing}")
 
 
 def main(argv: list[str] | None = None) -> int:

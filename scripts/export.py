@@ -18,6 +18,7 @@ from loop.cli import make_parser, one_line
 from loop.config import ConfigError, resolve_path
 from loop.config.loading import load_config
 from loop.data.sources import DataError
+from loop.extras import MissingExtra
 from loop.model.loading import ModelLoadError
 from loop.ship.export import (
     FORMATS,
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = run_parity(source.folder, output_dir, args.quantization, clips, split=config.data.eval_split,
                             wer_tolerance=args.wer_tolerance, device=args.device, batch_size=args.batch_size)
-    except (ConfigError, DataError, ExportError, ModelLoadError) as error:
+    except (ConfigError, DataError, ExportError, ModelLoadError, MissingExtra) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # parity.json on a full disk

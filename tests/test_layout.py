@@ -11,7 +11,7 @@ PACKAGE = ROOT / "loop"
 MAX_LINES = 400
 
 # Lower numbers are lower layers: a module may import modules of its own layer or below, never above.
-LAYERS = {"config": 0, "files": 0, "languages": 0, "data": 1, "model": 2, "run": 3, "eval": 4, "ship": 5}
+LAYERS = {"config": 0, "extras": 0, "files": 0, "languages": 0, "data": 1, "model": 2, "run": 3, "eval": 4, "ship": 5}
 TOP = 6  # the loop itself: train.py, train_log.py, results.py, optimizers.py, cli.py
 
 

@@ -20,19 +20,21 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
-import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
 from loop.data.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
 from loop.eval.long_form import transcribe_long  # noqa: E402
+from loop.extras import require  # noqa: E402
 from loop.languages import language_code  # noqa: E402
 from loop.model.decoding import transcribe  # noqa: E402
 from loop.model.encoder_window import batch_features  # noqa: E402
 from loop.model.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model.loading import load_for_inference  # noqa: E402
 from loop.ship.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
+
+gr = require("gradio", "demo", "the demo")
 
 DEFAULT_MAX_DURATION_S = 600.0  # longest recording or upload the demo transcribes
 DEFAULT_MAX_FILE_SIZE = "100mb"  # uploads larger than this are refused before they reach the model

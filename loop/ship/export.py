@@ -28,6 +28,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from loop.extras import require
 from loop.files import replace_dir, write_json_atomic, write_text_atomic
 
 FORMATS = ("ct2",)
@@ -150,7 +151,7 @@ def export_ct2(source: SourceModel, output_dir: str | Path, quantization: str, *
     """Converts `source` into `output_dir` with weights stored as `quantization`, staged in a sibling folder and
     moved into place once complete (an interrupted export leaves no half folder behind). `readme` (the folder's
     README.md) is written with it. Returns the folder."""
-    from ctranslate2.converters import TransformersConverter
+    TransformersConverter = require("ctranslate2.converters", "export", "the export").TransformersConverter
 
     output_dir = Path(output_dir)
     if quantization not in QUANTIZATIONS:
@@ -180,8 +181,9 @@ def export_ct2(source: SourceModel, output_dir: str | Path, quantization: str, *
 
 def export_info(source: SourceModel, quantization: str) -> dict:
     """export.json: where the export came from and with what, for whoever finds the folder later."""
-    import ctranslate2
     import transformers
+
+    ctranslate2 = require("ctranslate2", "export", "the export")
 
     return {"source": str(source.folder), "format": "ct2", "quantization": quantization,
             "num_mel_bins": source.config.num_mel_bins, "multilingual": source.multilingual,

@@ -38,6 +38,7 @@ from loop.data.audio import dequantize
 from loop.data.sources import DataError
 from loop.data.splits import build_eval_split
 from loop.eval.metrics import compute_metrics
+from loop.extras import require
 from loop.files import write_json_atomic
 from loop.languages import language_code
 from loop.model.decoding import transcribe
@@ -165,7 +166,7 @@ def run_parity(model_dir: str | Path, export_dir: str | Path, quantization: str,
                batch_size: int = 8) -> dict:
     """Transcribes `data` (`read_clips` of `split`) with the model folder and with its export, writes
     `<export_dir>/parity.json` and returns its content; `failures` in it lists what the check found wrong."""
-    from faster_whisper import WhisperModel
+    WhisperModel = require("faster_whisper", "export", "the parity check").WhisperModel
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
