@@ -260,3 +260,36 @@ def test_a_resume_that_would_not_continue_the_saved_run_is_refused(tmp_path, cap
             assert f"resuming with {line}" in printed, line
     finally:
         reset_accelerate()
+
+
+def test_the_data_section_mix_entries_and_guard_sets_share_one_source_dataclass(corpus_root):
+    """The source fields are written once (`SourceConfig`): each of the three has all of them, the guard set's
+    Hub revision included, and the guard set's run reads its own revision rather than the data section's."""
+    from loop.config import DataConfig, GuardSet, MixSource, SourceConfig
+    from loop.eval.guard_sets import guard_run_config
+
+    shared = set(SourceConfig.__dataclass_fields__)
+    for kind in (DataConfig, MixSource, GuardSet):
+        assert issubclass(kind, SourceConfig) and shared <= set(kind.__dataclass_fields__)
+        assert field_docs(kind)["dataset_revision"]  # the base's docstrings reach --help and the docs
+    config = load_config(None, [f"--data.path={corpus_root}", "--data.dataset_revision=main",
+                                "--eval.guard_sets=[{name: fleurs, language: en, source: hub, "
+                                "dataset_name: google/fleurs, dataset_revision: refs/convert/parquet}]"])
+    guard_data = guard_run_config(config, config.eval.guard_sets[0]).data
+    assert (guard_data.source, guard_data.dataset_revision) == ("hub", "refs/convert/parquet")
+    assert config.data.dataset_revision == "main" and config.data.locale == "hi"
+
+
+def test_a_language_is_looked_up_in_one_place():
+    from loop.languages import language_code, language_name, language_problem
+
+    assert [language_code(x) for x in ("hindi", "Hindi", " hi ", "english")] == ["hi", "hi", "hi", "en"]
+    assert language_name("hi") == language_name("HINDI") == "hindi"
+    assert language_problem("hindi", "model.language") == ""
+    assert language_problem("hindu", "model.language") == ("model.language 'hindu' is not a Whisper language "
+                                                           "(did you mean 'hindi'?)")
+    with pytest.raises(ConfigError, match=r"data.mix\[0\] \(en\).language 'englsh' is not a Whisper language "
+                                          r"\(did you mean 'english'\?\)"):
+        load_config(None, ["--data.path=assets/cv-corpus-17.0-synthetic",
+                           "--data.mix=[{name: en, weight: 0.2, path: assets/cv-corpus-17.0-synthetic, "
+                           "language: englsh}]"])
