@@ -1,5 +1,6 @@
 """Analytic training memory of every Whisper size under full fine-tuning, 8-bit AdamW, LoRA and QLoRA, with and
-without gradient checkpointing: the README's memory table. Nothing here needs a GPU; every figure is an estimate.
+without gradient checkpointing: the memory table of docs/speed-and-memory.md. Nothing here needs a GPU; every
+figure is an estimate.
 
     python -m benchmarks.memory                      # the table (markdown), batch 16, 30-s window, 448 label tokens
     python -m benchmarks.memory --label_tokens 128   # a typical Common Voice batch instead of the longest possible

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                              "the model was trained with, as its config.json records)")
     parser.add_argument("--timestamps", action="store_true",
                         help="also decode with timestamps, the clips one by one and packed 3 to a row, and report "
-                             "well-formed share and boundary error (metrics.json: timestamps; README \"Timestamps\")")
+                             "well-formed share and boundary error (metrics.json: timestamps; "
+                             "docs/timestamps-and-long-form.md)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="utterances per process per batch (default: eval.per_device_eval_batch_size)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],

@@ -18,7 +18,7 @@ from loop.data.audio import SAMPLE_RATE, decode_audio
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONCURRENT = 16
 MAX_FILE_SIZE = 5 * 1024 * 1024  # bytes, the served app's upload limit
-RSS_GROWTH_MB = 150  # resident memory the 16 requests may add (measured: see the README's demo section)
+RSS_GROWTH_MB = 150  # resident memory the 16 requests may add (measured: docs/evaluate-and-ship.md, "Demo")
 
 
 def rss_mb() -> float:

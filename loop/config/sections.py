@@ -97,11 +97,12 @@ class DataConfig(SourceConfig):
     pack_to_seconds: Annotated[float, Range(low=0, high=30)] = 0.0
     """Training rows only: join consecutive utterances into one row of at most this many seconds (30 fills
     Whisper's window, as distil-whisper trains), so a step sees several utterances per row; 0 keeps one utterance
-    per row. Selection and test rows are never packed. Measured in README "Speed and memory"."""
+    per row. Selection and test rows are never packed. Measured in docs/speed-and-memory.md."""
     timestamp_fraction: Share = 0.0
     """Training rows only: this share of rows (chosen by a hash of train.seed and the row, stored in the prepared
     cache) is labelled with timestamp tokens instead of `<|notimestamps|>`, one segment per utterance at its speech
-    bounds, so the model keeps predicting timestamps (distil-whisper uses 0.2-0.5); 0: none. README "Timestamps"."""
+    bounds, so the model keeps predicting timestamps (distil-whisper uses 0.2-0.5); 0: none.
+    docs/timestamps-and-long-form.md."""
     num_proc: AtLeastOne = 1
     """Processes for data preparation (decoding, resampling, tokenizing) with `datasets.map`."""
     cache_dir: str = ""
@@ -200,7 +201,7 @@ class TrainConfig:
     """Bitwise-reproducible runs: two identical runs, and a run killed and resumed, give the same weights
     (`torch.use_deterministic_algorithms`, and on CUDA `CUBLAS_WORKSPACE_CONFIG` and no cuDNN benchmark) on the
     same machine with the same thread count. On CPU it cost nothing measurable (quickstart, 2 threads: -5%, within
-    the noise, `python -m benchmarks.determinism`); not measured on a GPU (README "Reproducible runs")."""
+    the noise, `python -m benchmarks.determinism`); not measured on a GPU (docs/training.md, "Reproducible runs")."""
     group_by_length: bool = False
     """Batches of clips of similar duration (shuffled in groups of 50 batches, sorted, the batches shuffled): less
     padding, and a short window for every row with `model.encoder_window: dynamic`."""

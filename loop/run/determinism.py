@@ -1,6 +1,6 @@
 """Bitwise-reproducible training (`train.deterministic`).
 
-Where two identical runs differed (found by bisection, README "Reproducible runs"): not in the data order, the
+Where two identical runs differed (found by bisection, docs/training.md): not in the data order, the
 augmentation draws, dropout or SpecAugment (all seeded, and restored on resume), nor in fused AdamW, but in one
 backward kernel. Whisper's decoder adds its positional embedding as `weight[position_ids]`, an indexing op whose
 backward is `index_put_(..., accumulate=True)`. On the CPU, with more than one intra-op thread and at least

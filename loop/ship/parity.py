@@ -48,10 +48,10 @@ from loop.ship.export import QUANTIZATIONS
 
 PARITY_FILE = "parity.json"
 DEFAULT_CLIPS = 30  # the shipped test split; each clip costs one transformers and two faster-whisper decodes
-# WER points a quantized export may lose. Measured on whisper-base fine-tuned on the shipped corpus (README "Export
-# to faster-whisper"): int8 changed 17 of the 30 test transcripts and moved WER by 3 points (down, by chance; the
-# split has 198 words, so one word is 0.5 points). The tolerance must exceed that noise in either direction on a
-# few dozen clips, while a broken quantization (tens of points) still fails.
+# WER points a quantized export may lose. Measured on whisper-base fine-tuned on the shipped corpus
+# (docs/evaluate-and-ship.md): int8 changed 17 of the 30 test transcripts and moved WER by 3 points (down, by
+# chance; the split has 198 words, so one word is 0.5 points). The tolerance must exceed that noise in either
+# direction on a few dozen clips, while a broken quantization (tens of points) still fails.
 DEFAULT_WER_TOLERANCE = 5.0
 FASTER_WHISPER_MAX_LENGTH = 448  # faster-whisper's cap on prompt + new tokens (WhisperModel.max_length)
 
