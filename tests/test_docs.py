@@ -24,8 +24,10 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 # A path into the repository: one of the top folders, then path characters. Not preceded by a path character, so
 # `/data/cv-corpus` or `runs/x/loop/` are not taken for one; `tests/test_x.py::test_y` stops at the colon.
 REPO_PATH = re.compile(r"(?<![\w./~$-])((?:%s)/[\w./-]*)" % "|".join(PATH_PREFIXES))
-# A dotted module of the package or the benchmarks, as `python -m benchmarks.run` or `loop.eval.evaluation.transcribe`.
+# A dotted module of the package or the benchmarks, as `python -m benchmarks.run` or `loop.model.decoding.transcribe`.
 MODULE = re.compile(r"(?<![\w./-])((?:loop|benchmarks)(?:\.\w+)+)")
+# A test named by its file, as `tests/test_faults.py::test_sigterm_saves_and_resume_finishes`.
+TEST_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
 OPTION = re.compile(r"--(%s)\.([\w.]+)" % "|".join(SECTIONS))
 # A code span that is exactly an option, e.g. `model.lora_rank` or `data.pack_to_seconds: 30`.
 BARE_OPTION = re.compile(r"^(%s)\.([\w.]+)(?:\s*[:=].*)?$" % "|".join(SECTIONS), re.S)
@@ -79,6 +81,9 @@ def path_problems(text: str, root: Path) -> list[str]:
             path = path.rstrip(".")
             if not (root / path).exists():
                 problems.append(f"path {path}: no such file or folder in the repository")
+        for path, name in TEST_REF.findall(code):
+            if (root / path).is_file() and not re.search(rf"^\s*def {name}\(", (root / path).read_text(), re.M):
+                problems.append(f"test {path}::{name}: no such test")
         for dotted in MODULE.findall(code):
             if not module_exists(dotted.rstrip("."), root):
                 problems.append(f"module {dotted}: no such module or name in it")
@@ -125,10 +130,13 @@ def test_the_checker_finds_each_kind_of_problem(tmp_path):
     """The checks can fail: a page with one fault of each kind gets each named."""
     (tmp_path / "loop").mkdir()
     (tmp_path / "loop" / "real.py").write_text("def known():\n    pass\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_real.py").write_text("def test_there():\n    pass\n")
     (tmp_path / "docs").mkdir()
     page = tmp_path / "docs" / "page.md"
     bad = """See [the map](missing.md#layers) and [fine](../loop/real.py), [web](https://example.org), [here](#top).
 Run `loop/real.py` and `loop/gone.py`, call `loop.real.known` and `loop.real.unknown` and `loop.nothing`.
+Shown by `tests/test_real.py::test_there` and `tests/test_real.py::test_gone`; the loop is in `train.py`.
 
 ```bash
 python scripts/train.py --config quickstart \\
@@ -144,8 +152,9 @@ Set `model.lora_rank` or `model.lora_ranks: 8`. Built with ../shared/tools in th
     assert "link to missing.md#layers" in text and "../loop/real.py" not in text and "example.org" not in text
     assert "path loop/gone.py" in text and "path loop/real.py" not in text
     assert "path scripts/train.py" in text  # no scripts/ folder under tmp_path
+    assert "test tests/test_real.py::test_gone" in text and "test_there" not in text
     assert "module loop.real.unknown" in text and "module loop.nothing" in text and "loop.real.known" not in text
     assert "--train.no_such_option" in text and "--model.lora.enabled" in text and "--model.lora_ranks" in text
     assert "--train.max_steps" not in text and "--data.mix" not in text and "--model.lora_rank:" not in text
     assert "'../shared'" in text and "'this session'" in text
-    assert len(found) == 10, found
+    assert len(found) == 11, found
