@@ -120,6 +120,18 @@ def test_links_paths_and_options_are_real(page):
     assert not found, f"{page.relative_to(ROOT)}:\n  " + "\n  ".join(found)
 
 
+def test_every_docs_page_starts_with_an_example():
+    """A command comes before the page's first section: a reader can run something before reading on."""
+    late = []
+    for page in PAGES[1:]:
+        if page.name == "README.md":
+            continue
+        body = page.read_text(encoding="utf-8").split("\n## ", 1)[0]
+        if "```" not in body:
+            late.append(page.name)
+    assert not late, f"pages without a code block before their first '## ' section: {late}"
+
+
 def test_every_docs_page_is_in_the_index():
     index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
     missing = [p.name for p in PAGES[1:] if p.name != "README.md" and f"({p.name})" not in index]
