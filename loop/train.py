@@ -48,6 +48,7 @@ from loop.run.best_model import best_dir, write_best_model
 from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
+from loop.run.ema import EMA, build_ema, ema_weights, update_ema
 from loop.run.lock import release
 from loop.run.output_dir import TENSORBOARD_DIR, prepare_output_dir
 from loop.run.stopping import StopRequested, agreed_stop
@@ -76,6 +77,8 @@ class Run:
     """Speed, noise and gain on the training audio (`augment.*`), seeded per step; off by default."""
     guards: list[PreparedGuardSet]
     """`eval.guard_sets`, prepared, each with its evaluation DataLoader."""
+    ema: EMA | None = None
+    """`train.ema_decay`'s average of the weights, used for evaluation and `best/` (None: off)."""
 
 
 def train(config: RunConfig) -> dict:
@@ -131,6 +134,7 @@ def setup(config: RunConfig) -> Run:
     )
     check_generation_supported(accelerator, model)
     state = LoopState()
+    ema = build_ema(accelerator, model, config.train)  # before the checkpoint is loaded: its hook restores the average
     if config.model.lora:  # checkpoints then hold the adapter, not the frozen base
         keep_adapters_only(accelerator)
         accelerator.print(trainable_summary(model))
@@ -152,7 +156,7 @@ def setup(config: RunConfig) -> Run:
             accelerator.print(prepared.report.summary() + f"  [guard set {prepared.guard.name}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state, log_mel, augmenter, guards)
+               test_loader, data, state, log_mel, augmenter, guards, ema)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -179,7 +183,8 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
         last_step = state.step == t.max_steps
         fresh = state.step != resumed_at  # a resumed step was already evaluated and saved before the stop
         if fresh and (last_step or (state.step % e.eval_steps == 0 and (state.step > 0 or e.eval_on_start))):
-            run_selection_eval(run)
+            with ema_weights(run.ema, run.model):
+                run_selection_eval(run)
         if fresh and state.step > 0 and (last_step or state.step % t.save_steps == 0):
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
         if last_step:
@@ -197,6 +202,7 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             figures = optimizer_step(run, batches)
         except torch.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
+        update_ema(run.ema, run.model)
         state.step += 1
         interval.add(figures, seconds=time.perf_counter() - started, data_wait=batches.seconds - waited)
         progress.update(1)

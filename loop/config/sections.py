@@ -220,6 +220,11 @@ class TrainConfig:
     """Compile the encoder with `torch.compile` (its input has a fixed shape; the first step then takes minutes)."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     """`tensorboard` or `none`."""
+    ema_decay: Annotated[float, Range(low=0, high=1, high_open=True)] = 0.0
+    """Keep an exponential moving average of the trainable weights with this decay (0: off; 0.999 weighs about the
+    last 1,000 steps), saved in checkpoints; evaluation and `best/` then use the averaged weights."""
+    ema_on_cpu: bool = False
+    """Keep the `ema_decay` average in host memory instead of on the accelerator (for models that fill it)."""
     push_to_hub: bool = False
     """Upload `best/` to the Hub at the end."""
     hub_model_id: str = ""
