@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from loop.config import RunConfig, flat_hparams, to_dict
+from loop.config import RunConfig, to_dict
 from loop.config.loading import config_warnings
 from loop.data.augment import Augmenter, step_generator
 from loop.data.loaders import eval_dataloader, train_dataloader
@@ -50,8 +50,9 @@ from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
 from loop.run.ema import EMA, build_ema, ema_weights, update_ema
 from loop.run.lock import release
-from loop.run.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.run.output_dir import prepare_output_dir
 from loop.run.stopping import StopRequested, agreed_stop
+from loop.run.trackers import build_trackers, report_results, start_trackers
 from loop.ship.model_card import push_to_hub, write_model_card
 from loop.train_log import Interval, StepFigures, WaitClock, log_evaluation, log_guard_sets, log_training
 
@@ -100,7 +101,7 @@ def setup(config: RunConfig) -> Run:
     accelerator = build_accelerator(
         resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
+        log_with=build_trackers(config),
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)
@@ -143,8 +144,7 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif config.train.resume:
         accelerator.print(f"no checkpoint in {config.output_dir}/checkpoints: starting from step 0")
-    if config.train.report_to == "tensorboard":
-        accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(config))
+    start_trackers(accelerator, config)
     if accelerator.is_main_process:
         warn_if_short_of_space(accelerator, model, optimizer, config.output_dir, config.train.save_total_limit)
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
@@ -372,5 +372,6 @@ def finish(run: Run) -> dict:
             + "".join(f"; guard {name} WER {g['initial']['wer']:.2f} at step {g['initial_step']} -> "
                       f"{g['best']['wer']:.2f} at the best step" for name, g in results["guard_sets"].items())
         )
+    report_results(accelerator, results)
     accelerator.end_training()
     return results

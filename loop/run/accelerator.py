@@ -22,7 +22,7 @@ def resolve_mixed_precision(requested: str | None, option: str) -> str:
     return mixed_precision
 
 
-def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: str | None = None,
+def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: list | None = None,
                       project_dir: str | None = None) -> Accelerator:
     """An Accelerator with the loop's settings; `accelerate launch` decides the processes."""
     return Accelerator(
