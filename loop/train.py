@@ -82,10 +82,11 @@ class Run:
     """`train.ema_decay`'s average of the weights, used for evaluation and `best/` (None: off)."""
 
 
-def train(config: RunConfig) -> dict:
-    """Runs the whole job and returns the contents of results.json."""
+def train(config: RunConfig, trackers: tuple = ()) -> dict:
+    """Runs the whole job and returns the contents of results.json. `trackers`: Accelerate tracker objects that get
+    everything the config's trackers get (a sweep's pruning: `loop.sweeps`)."""
     try:
-        run = setup(config)
+        run = setup(config, trackers)
         stop = StopRequested()
         stop.install()
         stopped = fit(run, stop)
@@ -96,12 +97,12 @@ def train(config: RunConfig) -> dict:
         release(config.output_dir)  # the folder's lock (a process that dies drops it anyway)
 
 
-def setup(config: RunConfig) -> Run:
+def setup(config: RunConfig, trackers: tuple = ()) -> Run:
     deterministic = make_deterministic() if config.train.deterministic else ""  # before anything touches CUDA
     accelerator = build_accelerator(
         resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with=build_trackers(config),
+        log_with=build_trackers(config, trackers),
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)

@@ -28,9 +28,10 @@ def chosen(config: RunConfig) -> list[str]:
     return [name for name in config.train.report_to if name != "none"]
 
 
-def build_trackers(config: RunConfig) -> list | None:
-    """Accelerate tracker objects for `train.report_to` (None: logging off), for `Accelerator(log_with=...)`. A
-    tracker whose package is not installed stops the run here with one line naming the extra to install."""
+def build_trackers(config: RunConfig, extra: tuple = ()) -> list | None:
+    """Accelerate tracker objects for `train.report_to` and the `extra` ones (None: logging off), for
+    `Accelerator(log_with=...)`. A tracker whose package is not installed stops the run here with one line naming
+    the extra to install."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     names = chosen(config)
@@ -53,12 +54,12 @@ def build_trackers(config: RunConfig) -> list | None:
             trackers.append(tracker_class(config.train.tracker_project, str(output_dir)))
         else:
             trackers.append(tracker_class(config.train.tracker_project))
-    return trackers or None
+    return [*trackers, *extra] or None
 
 
 def start_trackers(accelerator, config: RunConfig) -> None:
     """Starts the trackers and logs the config as hyperparameters (main process only; a no-op without trackers)."""
-    if chosen(config):
+    if accelerator.log_with:
         accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(config))
 
 
