@@ -212,8 +212,12 @@ def summary(study) -> str:
             min(trial.intermediate_values.values()) if trial.intermediate_values else math.nan)
         last = max(trial.intermediate_values, default="")
         lines.append(f"| {trial.number} | {trial.state.name.lower()} | {value:.2f} | {last} | "
-                     + " | ".join(option_value(trial.params.get(name, "")) for name in names) + " |")
+                     + " | ".join(_shown(trial.params.get(name, "")) for name in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else option_value(value)
 
 
 def write_best_preset(study, preset: str | None, overrides: list[str], path: Path, output_dir: str) -> Path:
