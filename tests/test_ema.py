@@ -86,3 +86,20 @@ def test_resuming_with_a_different_decay_is_refused(tmp_path, fast_model, sessio
                          "--eval.eval_steps=1", "--train.resume=true", "--train.ema_decay=0.9")
     with pytest.raises(ConfigError, match="train.ema_decay"):
         setup(changed)
+
+
+def test_with_lora_the_average_is_of_the_adapters_and_resumes(tmp_path, fast_model, session_cache_dir):
+    """LoRA: only the adapters train, so only they are averaged; the checkpoint holds them beside the adapter, a
+    resumed run reads them back, and the model trains on its own adapters after each evaluation."""
+    common = (*SMALL, "--model.lora=true", "--train.learning_rate=1e-2", "--train.save_steps=2", "--eval.eval_steps=2")
+    config = run_config(tmp_path / "run", fast_model, session_cache_dir, *common, "--train.max_steps=2")
+    run = setup(config)
+    assert fit(run) == ""
+    ema = checkpoint_file(tmp_path / "run", 2, EMA_FILE)
+    trainable = {name: p.detach().clone() for name, p in run.model.named_parameters() if p.requires_grad}
+    assert ema.keys() == trainable.keys() and all("lora_" in name for name in ema)
+    assert any(not torch.equal(ema[name], trainable[name]) for name in ema)  # the model kept its own adapters
+    reset_accelerate()
+    resumed = setup(run_config(tmp_path / "run", fast_model, session_cache_dir, *common, "--train.max_steps=4",
+                               "--train.resume=true"))
+    assert all(torch.equal(resumed.ema.shadow[name].cpu(), ema[name]) for name in ema)
