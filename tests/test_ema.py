@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from loop.config import ConfigError
 from loop.run.ema import EMA_FILE
 from loop.train import fit, setup
-from tests.helpers import StopAt, reset_accelerate, run_config
+from tests.helpers import StopAt, load_script, reset_accelerate, run_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DECAY = 0.5  # far from 1, so three steps move the average well away from the starting weights
@@ -50,9 +50,14 @@ def test_the_average_after_three_steps_is_the_hand_computed_one(tmp_path, fast_m
     # and they moved: the average is not any of them.
     moved = [name for name in ema if not torch.allclose(ema[name], steps[-1][name], atol=1e-5)]
     assert len(moved) > len(ema) // 2
-    # Step 3's evaluation chose best/: it holds the average.
+    # Step 3's evaluation chose best/: it holds the average; so does the folder of step 3's EMA.
     best = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
     assert all(torch.equal(best[name], ema[name]) for name in ema)
+    reset_accelerate()
+    code = load_script("average_checkpoints").main([str(tmp_path / "run"), "--last", "1", "--ema", "--no_eval"])
+    assert code == 0
+    final_ema = load_file(str(tmp_path / "run" / "average-ema-last-1" / "model.safetensors"))
+    assert all(torch.equal(final_ema[name], ema[name]) for name in ema)
 
 
 @pytest.mark.usefixtures("determinism_restored")

@@ -18,6 +18,7 @@ from loop.files import replace_dir
 from loop.model.loading import load_for_inference
 from loop.run.best_model import best_dir, save_model_folder
 from loop.run.checkpoints import list_checkpoints
+from loop.run.ema import EMA_FILE
 
 WEIGHTS_FILE = "model.safetensors"  # what accelerator.save_state writes for one unsharded model
 
@@ -44,7 +45,8 @@ def average_weights(checkpoints: list[Path], file: str = WEIGHTS_FILE) -> dict[s
     for checkpoint in checkpoints:
         path = checkpoint / file
         if not path.is_file():
-            raise AveragingError(f"{path} does not exist: {why_no_weights(checkpoint)}")
+            raise AveragingError(f"{path} does not exist: " + ("the run was trained without train.ema_decay"
+                                                                if file == EMA_FILE else why_no_weights(checkpoint)))
         weights = load_file(str(path))
         if total and weights.keys() != total.keys():
             raise AveragingError(f"{path}: its weights are not those of {checkpoints[0] / file} (another model?)")
@@ -64,19 +66,22 @@ def why_no_weights(checkpoint: Path) -> str:
     return "not a checkpoint of this project's loop"
 
 
-def write_averaged_model(run_dir: str | Path, checkpoints: list[Path], output: str | Path) -> Path:
+def write_averaged_model(run_dir: str | Path, checkpoints: list[Path], output: str | Path,
+                         file: str = WEIGHTS_FILE) -> Path:
     """The average of `checkpoints` as a model folder at `output` (replaced if it exists), with `best/`'s config,
-    generation config and processor."""
+    generation config and processor. `file`: the weights (`model.safetensors`) or their EMA (`ema.safetensors`,
+    `train.ema_decay`), which holds the trainable weights only: the frozen ones are `best/`'s, the same in every
+    checkpoint."""
     best = best_dir(run_dir)
     if not (best / "config.json").is_file():
         raise AveragingError(f"{best} is missing: the averaged folder takes its config and processor from it")
-    averaged = average_weights(checkpoints)
+    averaged = average_weights(checkpoints, file)
     model, processor = load_for_inference(str(best))
     missing, unexpected = model.load_state_dict(averaged, strict=False)
-    tied = {name for name in missing if name == "proj_out.weight"}  # tied to the token embedding, saved once
-    if set(missing) - tied or unexpected:
-        raise AveragingError(f"{checkpoints[0] / WEIGHTS_FILE} does not fit {best}: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+    allowed = set(missing) if file == EMA_FILE else {"proj_out.weight"}  # proj_out: tied to the token embedding
+    if set(missing) - allowed or unexpected:
+        raise AveragingError(f"{checkpoints[0] / file} does not fit {best}: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]} (a LoRA run's EMA is of its adapters)")
     model.tie_weights()
     output = Path(output)
     staging = output.parent / f".tmp-{output.name}"  # renamed into place once complete
