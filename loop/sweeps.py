@@ -26,6 +26,7 @@ from loop.config import ConfigError, option_names, to_dict
 from loop.config.loading import load_config
 from loop.files import write_text_atomic
 from loop.run.accelerator import reset_state
+from loop.run.trackers import end_open_runs
 
 SELECTION_WER = "eval/wer"  # what each in-loop evaluation logs for the selection split
 KINDS = ("float", "int", "categorical")
@@ -190,6 +191,7 @@ def run_sweep(study, preset: str | None, overrides: list[str], space: list[Dimen
         try:
             results = train_fn(config, (PruningTracker(trial),))
         finally:
+            end_open_runs()  # a pruned trial stopped before its trackers were closed
             reset_state()  # the next trial builds its own Accelerator
         if "best_wer" not in results:  # stopped by a signal: the sweep stops too
             raise KeyboardInterrupt(f"trial {trial.number} stopped by {results.get('stopped')}")

@@ -5,9 +5,8 @@ without running its finished trials again.
 Pruning is made certain, not left to chance: a random tiny model cannot learn to transcribe in a few steps (its
 WER stays at 100 whatever the learning rate), so the space is one that changes WER for sure: the decoding
 checkpoint (tests/helpers.py) says random words until the length limit, so a limit of 4 tokens (the prompt) gives
-empty hypotheses, WER 100, and 48 gives WER about 400. The trials are enqueued (`--enqueue`) as 4, 4, 48: the first
-two equal, neither worse than the median, and the median pruner with one startup trial stops the third at its first
-evaluation.
+empty hypotheses, WER 100, and 48 gives WER about 400. The trials are enqueued (`--enqueue`) as 4, 48, 4: the median pruner with one startup
+trial stops the second at its first evaluation, and the third, equal to the first, is not worse than the median.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def sweep_args(tmp_path, model, cache_dir, sweep_dir, *extra) -> list[str]:
     return [
         "--config", "quickstart", "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--output_dir",
         str(sweep_dir), "--prune_startup_trials", "1",
-        *[f"--enqueue={json.dumps({OPTION: length})}" for length in (GOOD, GOOD, BAD)],
+        *[f"--enqueue={json.dumps({OPTION: length})}" for length in (GOOD, BAD, GOOD)],
         f"--model.name_or_path={model}", f"--data.cache_dir={cache_dir}", "--data.num_proc=1",
         "--data.max_train_samples=16", "--data.selection_size=8", "--data.max_eval_samples=4",
         "--eval.guard_sets=[]", "--eval.eval_on_start=false", "--train.warmup_steps=0",
@@ -51,9 +50,18 @@ def trials_by_state(sweep_dir) -> dict[str, list]:
     return states
 
 
-def test_three_trials_one_pruned_summary_and_best_preset(tmp_path, decoding_checkpoint, session_cache_dir, capsys):
+def test_three_trials_one_pruned_summary_and_best_preset(tmp_path, decoding_checkpoint, session_cache_dir, capsys,
+                                                         monkeypatch):
+    """Logging to MLflow too: the pruned trial's MLflow run is ended, so the next trial gets its own."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     sweep_dir = tmp_path / "sweep"
-    code = load_script("sweep").main(sweep_args(tmp_path, decoding_checkpoint, session_cache_dir, sweep_dir))
+    code = load_script("sweep").main(sweep_args(tmp_path, decoding_checkpoint, session_cache_dir, sweep_dir,
+                                                "--train.report_to=mlflow", "--train.tracker_project=sweep-test"))
     assert code == 0, capsys.readouterr().err[-2000:]
     states = trials_by_state(sweep_dir)
     assert [t.params[OPTION] for t in states["COMPLETE"]] == [GOOD, GOOD]
@@ -65,7 +73,11 @@ def test_three_trials_one_pruned_summary_and_best_preset(tmp_path, decoding_chec
         assert json.loads((sweep_dir / f"trial_{trial.number:03d}" / "results.json").read_text())["best_wer"] == trial.value
     assert not (sweep_dir / f"trial_{pruned.number:03d}" / "results.json").exists()
     table = (sweep_dir / "summary.md").read_text()
-    assert "| 2 | pruned |" in table and table.count("| complete |") == 2
+    assert "| 1 | pruned |" in table and table.count("| complete |") == 2
+    client = MlflowClient(tracking_uri=store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sweep-test"]
+    runs = {run.info.run_name: run.info.status for run in client.search_runs([experiment.experiment_id])}
+    assert runs == {"trial_000": "FINISHED", "trial_001": "KILLED", "trial_002": "FINISHED"}
     best = load_config(str(sweep_dir / "best.yaml"), [])
     assert best.eval.generation_max_length == GOOD and best.train.max_steps == 4 and best.output_dir.endswith("best-run")
 

@@ -97,3 +97,16 @@ def report_results(accelerator, results: dict) -> None:
             import mlflow
 
             mlflow.log_dict(results, "results.json")
+
+
+def end_open_runs() -> None:
+    """Ends the wandb and MLflow runs that a run stopped by an exception (a pruned sweep trial) left open, so that
+    the next run in this process starts its own instead of logging into them."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=1)
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status="KILLED")
