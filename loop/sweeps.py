@@ -15,6 +15,7 @@ running is marked failed once its heartbeat is older than the grace period, and 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,9 +157,11 @@ def open_study(settings: SweepSettings):
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     except ImportError as error:
         raise MissingPackage("scripts/sweep.py needs Optuna: pip install -e '.[sweep]'") from error
-    storage = RDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_s,
-                         grace_period=2 * settings.heartbeat_s,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    with warnings.catch_warnings():  # heartbeats are marked experimental (since Optuna 2.8): not news to a user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_s,
+                             grace_period=2 * settings.heartbeat_s,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     return optuna.create_study(
         storage=storage, study_name=settings.study, direction="minimize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=settings.seed),
