@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from loop.config import RunConfig, flat_hparams, to_dict
+from loop.config import RunConfig, to_dict
 from loop.config.loading import config_warnings
 from loop.data.augment import Augmenter, step_generator
 from loop.data.loaders import eval_dataloader, train_dataloader
@@ -48,9 +48,11 @@ from loop.run.best_model import best_dir, write_best_model
 from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
+from loop.run.ema import EMA, build_ema, ema_weights, update_ema
 from loop.run.lock import release
-from loop.run.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.run.output_dir import prepare_output_dir
 from loop.run.stopping import StopRequested, agreed_stop
+from loop.run.trackers import build_trackers, report_results, start_trackers
 from loop.ship.model_card import push_to_hub, write_model_card
 from loop.train_log import Interval, StepFigures, WaitClock, log_evaluation, log_guard_sets, log_training
 
@@ -76,12 +78,15 @@ class Run:
     """Speed, noise and gain on the training audio (`augment.*`), seeded per step; off by default."""
     guards: list[PreparedGuardSet]
     """`eval.guard_sets`, prepared, each with its evaluation DataLoader."""
+    ema: EMA | None = None
+    """`train.ema_decay`'s average of the weights, used for evaluation and `best/` (None: off)."""
 
 
-def train(config: RunConfig) -> dict:
-    """Runs the whole job and returns the contents of results.json."""
+def train(config: RunConfig, trackers: tuple = ()) -> dict:
+    """Runs the whole job and returns the contents of results.json. `trackers`: Accelerate tracker objects that get
+    everything the config's trackers get (a sweep's pruning: `loop.sweeps`)."""
     try:
-        run = setup(config)
+        run = setup(config, trackers)
         stop = StopRequested()
         stop.install()
         stopped = fit(run, stop)
@@ -92,12 +97,12 @@ def train(config: RunConfig) -> dict:
         release(config.output_dir)  # the folder's lock (a process that dies drops it anyway)
 
 
-def setup(config: RunConfig) -> Run:
+def setup(config: RunConfig, trackers: tuple = ()) -> Run:
     deterministic = make_deterministic() if config.train.deterministic else ""  # before anything touches CUDA
     accelerator = build_accelerator(
         resolve_mixed_precision(config.train.mixed_precision, "train.mixed_precision"),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
+        log_with=build_trackers(config, trackers),
         project_dir=config.output_dir,
     )
     set_seed(config.train.seed)
@@ -131,6 +136,7 @@ def setup(config: RunConfig) -> Run:
     )
     check_generation_supported(accelerator, model)
     state = LoopState()
+    ema = build_ema(accelerator, model, config.train)  # before the checkpoint is loaded: its hook restores the average
     if config.model.lora:  # checkpoints then hold the adapter, not the frozen base
         keep_adapters_only(accelerator)
         accelerator.print(trainable_summary(model))
@@ -139,8 +145,7 @@ def setup(config: RunConfig) -> Run:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif config.train.resume:
         accelerator.print(f"no checkpoint in {config.output_dir}/checkpoints: starting from step 0")
-    if config.train.report_to == "tensorboard":
-        accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(config))
+    start_trackers(accelerator, config)
     if accelerator.is_main_process:
         warn_if_short_of_space(accelerator, model, optimizer, config.output_dir, config.train.save_total_limit)
         write_json_atomic(Path(config.output_dir) / "config.json", to_dict(config))
@@ -152,7 +157,7 @@ def setup(config: RunConfig) -> Run:
             accelerator.print(prepared.report.summary() + f"  [guard set {prepared.guard.name}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state, log_mel, augmenter, guards)
+               test_loader, data, state, log_mel, augmenter, guards, ema)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -179,7 +184,8 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
         last_step = state.step == t.max_steps
         fresh = state.step != resumed_at  # a resumed step was already evaluated and saved before the stop
         if fresh and (last_step or (state.step % e.eval_steps == 0 and (state.step > 0 or e.eval_on_start))):
-            run_selection_eval(run)
+            with ema_weights(run.ema, run.model):
+                run_selection_eval(run)
         if fresh and state.step > 0 and (last_step or state.step % t.save_steps == 0):
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
         if last_step:
@@ -197,6 +203,7 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             figures = optimizer_step(run, batches)
         except torch.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(out_of_memory_advice(config)) from error
+        update_ema(run.ema, run.model)
         state.step += 1
         interval.add(figures, seconds=time.perf_counter() - started, data_wait=batches.seconds - waited)
         progress.update(1)
@@ -366,5 +373,6 @@ def finish(run: Run) -> dict:
             + "".join(f"; guard {name} WER {g['initial']['wer']:.2f} at step {g['initial_step']} -> "
                       f"{g['best']['wer']:.2f} at the best step" for name, g in results["guard_sets"].items())
         )
+    report_results(accelerator, results)
     accelerator.end_training()
     return results

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from loop.eval.guard_sets import language_id_drops
+from loop.run.trackers import log_examples
 
 
 @dataclass
@@ -119,8 +120,8 @@ HALLUCINATION_FIGURES = ("insertion_rate", "loop_share", "long_share", "compress
 
 
 def log_evaluation(accelerator, step: int, result, improved: bool, split: str, config) -> None:
-    """One evaluation on the selection split (`loop.eval.evaluation.EvalResult`): TensorBoard `eval/*`, the log line,
-    and a table of examples."""
+    """One evaluation on the selection split (`loop.eval.evaluation.EvalResult`): the trackers' `eval/*`, the log
+    line, and a table of examples."""
     m = result.metrics
     values = {f"eval/{key}": m[key] for key in ("wer", "cer", "normalized_wer", "normalized_cer", "loss",
                                                  "language_id", *HALLUCINATION_FIGURES) if key in m}
@@ -134,12 +135,7 @@ def log_evaluation(accelerator, step: int, result, improved: bool, split: str, c
         + (f"  language ID {m['language_id']:.1f}%" if "language_id" in m else "")
         + f"  ({result.seconds:.1f} s)" + ("  best so far" if improved else "")
     )
-    if config.train.report_to == "tensorboard":
-        shown = result.predictions[: config.eval.num_logged_examples]
-        table = "| reference | prediction |\n|---|---|\n" + "\n".join(
-            f"| {p['reference']} | {p['hypothesis']} |" for p in shown
-        )
-        accelerator.get_tracker("tensorboard").tracker.add_text("eval/examples", table, step)
+    log_examples(accelerator, result.predictions[: config.eval.num_logged_examples], step)
 
 
 def log_guard_sets(accelerator, state, results: dict, drop_warning: float) -> None:

@@ -21,6 +21,8 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 """Whisper's linear layers in each transformer layer that can take an adapter (the conv stem and the tied output
 layer cannot)."""
 LORA_MIN_LEARNING_RATE = 1e-4
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
+"""The experiment trackers Accelerate speaks to (`train.report_to`)."""
 
 
 def field_problems(config: RunConfig, section: str) -> list[str]:
@@ -66,7 +68,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
-    problems += lora_problems(config)
+    problems += lora_problems(config) + tracker_problems(t.report_to)
     return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
 
 
@@ -223,4 +225,13 @@ def lora_warnings(config) -> list[str]:
     if config.model.lora and config.train.learning_rate < LORA_MIN_LEARNING_RATE:
         return [(f"model.lora with train.learning_rate={config.train.learning_rate:g}: adapters start at zero and "
                  "usually train at 1e-4 to 1e-3 (the PEFT Whisper notebook: 1e-3)")]
+    return []
+
+
+def tracker_problems(report_to: list[str]) -> list[str]:
+    unknown = [name for name in report_to if name not in (*TRACKERS, "none")]
+    if unknown:
+        return [f"train.report_to: {', '.join(unknown)} is not one of none, {', '.join(TRACKERS)}"]
+    if "none" in report_to and len(report_to) > 1:
+        return [f"train.report_to: `none` cannot go with other trackers, got {','.join(report_to)}"]
     return []

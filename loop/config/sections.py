@@ -219,8 +219,17 @@ class TrainConfig:
     """Stop (after saving) when this many optimizer steps in a row have a non-finite loss."""
     torch_compile: bool = False
     """Compile the encoder with `torch.compile` (its input has a fixed shape; the first step then takes minutes)."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """`tensorboard` or `none`."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, comma-separated, any of tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
+    trackio, swanlab (Accelerate's), or `none`: each gets the same scalars, the config and the evaluation examples."""
+    tracker_project: str = "whisper-loop"
+    """Project (wandb, comet_ml, ...) or experiment (mlflow) name in the trackers; the run is named after
+    `output_dir`'s folder."""
+    ema_decay: Annotated[float, Range(low=0, high=1, high_open=True)] = 0.0
+    """Keep an exponential moving average of the trainable weights with this decay (0: off; 0.999 weighs about the
+    last 1,000 steps), saved in checkpoints; evaluation and `best/` then use the averaged weights."""
+    ema_on_cpu: bool = False
+    """Keep the `ema_decay` average in host memory instead of on the accelerator (for models that fill it)."""
     push_to_hub: bool = False
     """Upload `best/` to the Hub at the end."""
     hub_model_id: str = ""

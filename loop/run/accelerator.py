@@ -22,7 +22,7 @@ def resolve_mixed_precision(requested: str | None, option: str) -> str:
     return mixed_precision
 
 
-def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: str | None = None,
+def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: list | None = None,
                       project_dir: str | None = None) -> Accelerator:
     """An Accelerator with the loop's settings; `accelerate launch` decides the processes."""
     return Accelerator(
@@ -40,3 +40,12 @@ def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int 
         log_with=log_with,
         project_dir=project_dir,
     )
+
+
+def reset_state() -> None:
+    """Forgets the process's Accelerate state (its singletons), so that a second run in the same process (a sweep's
+    next trial) builds its Accelerator afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -35,21 +35,33 @@ def write_best_model(accelerator, model, processor, output_dir: str | Path) -> P
             unwrapped = accelerator.unwrap_model(model)
             if lora:
                 write_merged_and_adapter(unwrapped, staging)
+                save_processor_and_checksums(processor, staging)
             else:
-                unwrapped.config.use_cache = True  # the saved model is for inference; training turned the cache off
-                try:
-                    unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-                finally:
-                    unwrapped.config.use_cache = False
-            processor.save_pretrained(staging)
-            # transformers 5 keeps the feature extractor in processor_config.json; ct2-transformers-converter's
-            # --copy_files and faster-whisper look for preprocessor_config.json (faster-whisper takes the mel bins
-            # from it and assumes 80 without it), so the folder carries that file too.
-            processor.feature_extractor.save_pretrained(staging)
-            write_json_atomic(staging / CHECKSUMS_FILE, file_checksums(staging))
+                save_model_folder(unwrapped, processor, staging, state_dict)
             replace_dir(staging, best)
     accelerator.wait_for_everyone()
     return best
+
+
+def save_model_folder(model, processor, folder: Path, state_dict: dict | None = None) -> Path:
+    """A Whisper (not LoRA) as `best/` holds it: weights (`state_dict` when given), generation config, processor
+    and checksums; the model's `use_cache` as it was afterwards."""
+    model.config.use_cache = True  # the saved model is for inference; training turned the cache off
+    try:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    finally:
+        model.config.use_cache = False
+    return save_processor_and_checksums(processor, folder)
+
+
+def save_processor_and_checksums(processor, folder: Path) -> Path:
+    processor.save_pretrained(folder)
+    # transformers 5 keeps the feature extractor in processor_config.json; ct2-transformers-converter's
+    # --copy_files and faster-whisper look for preprocessor_config.json (faster-whisper takes the mel bins
+    # from it and assumes 80 without it), so the folder carries that file too.
+    processor.feature_extractor.save_pretrained(folder)
+    write_json_atomic(folder / CHECKSUMS_FILE, file_checksums(folder))
+    return folder
 
 
 def write_merged_and_adapter(model, folder: Path) -> None:
