@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from loop.model.loading import load_for_inference
-from loop.model.student import choose_layers, make_student, spaced_layers
+from loop.model.student import choose_layers, spaced_layers
 from loop.model.tiny import build_tiny_whisper
-from tests.helpers import corpus_rows, load_script
+from tests.helpers import PROJECT, corpus_rows, load_script
+from tests.test_determinism import threads_and_determinism_restored  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -23,6 +24,25 @@ def deep_teacher(tmp_path_factory):
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     return build_tiny_whisper(sentences, tmp_path_factory.mktemp("deep-teacher"), vocab_size=600, chunk_length_s=5,
                               d_model=64, layers=4, heads=2, max_target_positions=128, seed=3)
+
+
+@pytest.fixture
+def processor_batch(deep_teacher):
+    """Factory: a batch of two corpus sentences for `model` (the deep teacher's tokenizer), random features of its
+    window, labels as the collator makes them (start token stripped, padding -100)."""
+    from loop.model.loading import load_processor
+
+    tokenizer = load_processor(str(deep_teacher), "hindi", "transcribe").tokenizer
+
+    def make(model) -> dict:
+        ids = [tokenizer(row["text"]).input_ids[1:] for row in corpus_rows("train")[:2]]
+        width = max(map(len, ids))
+        labels = torch.tensor([row + [-100] * (width - len(row)) for row in ids])
+        frames = model.config.max_source_positions * 2
+        features = torch.randn(2, model.config.num_mel_bins, frames, generator=torch.Generator().manual_seed(1))
+        return {"labels": labels, "input_features": features}
+
+    return make
 
 
 def test_layers_are_maximally_spaced():
@@ -77,3 +97,134 @@ def test_make_student_refuses_more_layers_than_the_teacher_has(tmp_path, deep_te
     code = load_script("make_student").main(["--teacher", str(deep_teacher), "--decoder_layers", "5",
                                              "--output", str(tmp_path / "s")])
     assert code == 2 and "cannot keep 5 of 4 layers" in capsys.readouterr().err
+
+
+def test_the_kl_gradient_is_the_hand_computed_one():
+    """d(T^2 KL(p_t || p_s)) / d z_s = T (softmax(z_s / T) - softmax(z_t / T)) at every unmasked position, 0 at
+    masked ones; and the loss itself matches KL written out from its definition."""
+    from loop.model.distillation import kl_token_losses
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 11, generator=generator, dtype=torch.float64) * 3
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, 8]])
+    temperature = 2.0
+    losses = kl_token_losses(student, teacher, labels, temperature)
+    p_s, p_t = (student / temperature).softmax(-1), (teacher / temperature).softmax(-1)
+    by_definition = temperature ** 2 * (p_t * (p_t.log() - p_s.log())).sum(-1) * labels.ne(-100)
+    torch.testing.assert_close(losses.double(), by_definition.detach(), rtol=1e-5, atol=1e-6)
+    losses.sum().backward()
+    expected = temperature * (p_s - p_t).detach() * labels.ne(-100).unsqueeze(-1)
+    torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-6)
+    assert student.grad[0, 3:].abs().sum() == 0 and student.grad[0, :3].abs().sum() > 0
+
+
+def test_the_kl_term_is_zero_against_the_same_model(deep_teacher, processor_batch):
+    """Teacher = student at T=1: the KL term of every token is 0 (to float32 rounding), so the loss is alpha_ce x
+    cross-entropy; against another model it is positive at every target token."""
+    from loop.model.distillation import Distillation, distillation_token_losses
+    from loop.model.loss import token_losses
+
+    model, _ = load_for_inference(str(deep_teacher))
+    batch = processor_batch(model)
+    kl_only = distillation_token_losses(model, batch, Distillation(model, alpha_ce=0, alpha_kl=1, temperature=1))
+    assert kl_only.abs().max() < 1e-5
+    combined = distillation_token_losses(model, batch, Distillation(model, alpha_ce=0.5, alpha_kl=1, temperature=1))
+    torch.testing.assert_close(combined, 0.5 * token_losses(model, batch), rtol=1e-4, atol=1e-5)
+    other = load_for_inference(str(deep_teacher))[0]
+    with torch.no_grad():
+        other.model.decoder.layers[0].fc1.weight.mul_(3)
+    kl = distillation_token_losses(model, batch, Distillation(other, alpha_ce=0, alpha_kl=1, temperature=2))
+    targets = batch["labels"].ne(-100)
+    assert bool((kl[targets] > 0).all()) and bool((kl[~targets] == 0).all())
+
+
+@pytest.fixture(scope="module")
+def student_of_deep_teacher(tmp_path_factory, deep_teacher):
+    """The deep teacher's 2-decoder-layer student (all 4 encoder layers)."""
+    from loop.model.student import make_student
+
+    return make_student(str(deep_teacher), tmp_path_factory.mktemp("student") / "student", decoder_layers=2)[0]
+
+
+def distillation_run(tmp_path, student, teacher, cache_dir, name, *overrides):
+    """A run of the student on 16 utterances of the shipped corpus (a manifest), distilled from `teacher`."""
+    from loop.data.sources import write_manifest
+    from tests.helpers import run_config
+
+    manifest = tmp_path / "manifest"
+    if not manifest.exists():
+        write_manifest(manifest / "train.csv", corpus_rows("train")[:16])
+    return run_config(
+        tmp_path / name, student, cache_dir, "--data.source=manifest", f"--data.path={manifest}",
+        "--data.train_splits=train", "--data.eval_split=train", "--eval.select_on=test", "--data.max_eval_samples=4",
+        f"--train.distill_from={teacher}", "--train.per_device_train_batch_size=8", "--train.learning_rate=3e-3",
+        "--train.report_to=tensorboard", "--model.dropout=0", "--model.apply_spec_augment=false",
+        "--eval.generation_max_length=16", "--eval.per_device_eval_batch_size=8", *overrides,
+    )
+
+
+def test_a_distillation_run_trains_the_student_and_its_loss_falls(tmp_path, student_of_deep_teacher, deep_teacher,
+                                                                  session_cache_dir):
+    """The loop with a teacher: the loss (CE + KL) falls, the teacher is untouched and in no checkpoint, best/ is
+    the 2-layer student."""
+    from loop.train import train
+    from tests.helpers import tensorboard_scalars
+
+    config = distillation_run(tmp_path, student_of_deep_teacher, deep_teacher, session_cache_dir, "run",
+                              "--train.max_steps=24", "--eval.eval_steps=24", "--train.save_steps=24",
+                              "--train.distill_alpha_ce=0.5", "--train.distill_temperature=1.5")
+    train(config)
+    losses = tensorboard_scalars(tmp_path / "run", "train/loss")
+    assert losses[24] < losses[1] * 0.75, (losses[1], losses[24])
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_24" / "model.safetensors"))
+    assert sum(1 for name in saved if ".decoder.layers." in name and name.endswith("fc1.weight")) == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_24").glob("model*.safetensors")) == [
+        "model.safetensors"]
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["decoder_layers"] == 2
+    teacher = load_file(str(deep_teacher / "model.safetensors"))
+    fresh = load_file(str(deep_teacher / "model.safetensors"))
+    assert all(torch.equal(teacher[k], fresh[k]) for k in teacher)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, student_of_deep_teacher, session_cache_dir):
+    from loop.model.loading import ModelLoadError
+    from loop.train import setup
+
+    config = distillation_run(tmp_path, student_of_deep_teacher, PROJECT / "assets" / "tiny-whisper-hi",
+                              session_cache_dir, "refused", "--train.max_steps=1")
+    with pytest.raises(ModelLoadError, match="cannot teach this model"):
+        setup(config)
+
+
+@pytest.mark.slow  # three short runs with a teacher: minutes on 2 busy cores
+@pytest.mark.usefixtures("threads_and_determinism_restored")
+def test_distillation_resumes_bitwise(tmp_path, student_of_deep_teacher, deep_teacher, session_cache_dir):
+    """train.deterministic, accumulation 2, packed rows and the dynamic window: 8 steps straight == 4 steps, a
+    stop, a resume (the teacher loaded again) and 4 more; the same losses and weights, bit for bit."""
+    from loop.run.checkpoints import list_checkpoints
+    from loop.train import fit, setup
+    from tests.helpers import StopAt, reset_accelerate, tensorboard_scalars
+
+    common = ("--train.max_steps=8", "--train.save_steps=4", "--eval.eval_steps=8", "--train.deterministic=true",
+              "--train.per_device_train_batch_size=4", "--train.gradient_accumulation_steps=2",
+              "--data.pack_to_seconds=5", "--model.encoder_window=dynamic")
+    run = setup(distillation_run(tmp_path, student_of_deep_teacher, deep_teacher, session_cache_dir, "straight",
+                                 *common))
+    assert fit(run) == ""
+    reset_accelerate()
+    config = distillation_run(tmp_path, student_of_deep_teacher, deep_teacher, session_cache_dir, "resumed", *common)
+    run = setup(config)
+    assert fit(run, StopAt(run, 4)) == "SIGTERM"
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [4]
+    reset_accelerate()
+    config.train.resume = True
+    run = setup(config)
+    assert run.state.step == 4 and run.distillation is not None
+    assert fit(run) == ""
+    straight = tensorboard_scalars(tmp_path / "straight", "train/loss")
+    assert sorted(straight) == list(range(1, 9))
+    assert tensorboard_scalars(tmp_path / "resumed", "train/loss") == straight
+    final = [load_file(str(tmp_path / name / "checkpoints" / "step_8" / "model.safetensors"))
+             for name in ("straight", "resumed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
