@@ -193,7 +193,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, student_of_deep_
 
     config = distillation_run(tmp_path, student_of_deep_teacher, PROJECT / "assets" / "tiny-whisper-hi",
                               session_cache_dir, "refused", "--train.max_steps=1")
-    with pytest.raises(ModelLoadError, match="cannot teach this model"):
+    with pytest.raises(ModelLoadError, match="train.distill_from .* cannot work with this model"):
         setup(config)
 
 
@@ -228,3 +228,77 @@ def test_distillation_resumes_bitwise(tmp_path, student_of_deep_teacher, deep_te
     final = [load_file(str(tmp_path / name / "checkpoints" / "step_8" / "model.safetensors"))
              for name in ("straight", "resumed")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.fixture(scope="module")
+def assistant_of_decoding_checkpoint(tmp_path_factory, decoding_checkpoint):
+    """A 1-decoder-layer student of the decoding checkpoint, as the assistant (untrained: it drafts badly, which
+    tests the teacher's corrections)."""
+    from loop.model.student import make_student
+
+    return make_student(str(decoding_checkpoint), tmp_path_factory.mktemp("assistant") / "assistant", 1)[0]
+
+
+def features_of(model, processor, rows):
+    """(features, durations) of `rows` for `model` at its window, as evaluation makes them."""
+    from loop.data.audio import SAMPLE_RATE, decode_audio
+    from loop.model.encoder_window import batch_features
+    from loop.model.features import LogMel, pad_waveforms
+
+    waveforms = [torch.tensor(decode_audio(row["audio_path"])) for row in rows]
+    audio, _ = pad_waveforms(waveforms)
+    seconds = torch.tensor([len(w) / SAMPLE_RATE for w in waveforms])
+    return batch_features(model, LogMel(processor.feature_extractor), audio), seconds
+
+
+@pytest.mark.parametrize("window", ["full", "dynamic"])
+def test_assisted_decoding_equals_plain_greedy_decoding(decoding_checkpoint, assistant_of_decoding_checkpoint,
+                                                        window):
+    """Speculative decoding with the student as assistant gives the teacher's plain greedy tokens, token for token,
+    at the full and the dynamic window, from features or from the encoder's output, with the duration cap on; also
+    when the teacher's first choice is a begin-suppressed token (Whisper's generate drops `begin_suppress_tokens`
+    with an assistant; `assisted_ids` puts them back)."""
+    from loop.model.decoding import assisted_ids, generate_ids
+
+    teacher, processor = load_for_inference(str(decoding_checkpoint), encoder_window=window)
+    assistant, _ = load_for_inference(str(assistant_of_decoding_checkpoint), encoder_window=window)
+    features, seconds = features_of(teacher, processor, corpus_rows("test")[:6])
+    plain = generate_ids(teacher, features)
+    assert len({tuple(row) for row in plain.tolist()}) == 6  # six different hypotheses
+    assert torch.equal(assisted_ids(teacher, assistant, features), plain)
+    encoded = teacher.get_encoder()(features)
+    assert torch.equal(assisted_ids(teacher, assistant, features, encoded), plain)
+    teacher.generation_config.max_new_tokens_per_second = 3.0  # a cap that ends some rows early
+    capped = generate_ids(teacher, features, seconds=seconds)
+    assert not torch.equal(capped, plain)
+    assert torch.equal(assisted_ids(teacher, assistant, features, seconds=seconds), capped)
+    teacher.generation_config.max_new_tokens_per_second = None
+    teacher.generation_config.begin_suppress_tokens = sorted({*teacher.generation_config.begin_suppress_tokens,
+                                                              int(plain[0, 0])})
+    suppressed = generate_ids(teacher, features)
+    assert int(suppressed[0, 0]) != int(plain[0, 0])
+    assert torch.equal(assisted_ids(teacher, assistant, features), suppressed)
+
+
+def test_evaluate_script_with_an_assistant_gives_the_same_transcripts(tmp_path, decoding_checkpoint,
+                                                                      assistant_of_decoding_checkpoint, corpus_dir,
+                                                                      session_cache_dir):
+    """scripts/evaluate.py --eval.assistant_model: the same predictions and WER as plain decoding, the assistant
+    named in metrics.json; an assistant with another tokenizer is refused with the option named."""
+    from tests.helpers import run_evaluate_script
+    from tests.reference import read_predictions_jsonl
+
+    data = ["--data.path", str(corpus_dir), "--data.eval_split", "test", "--data.max_eval_samples=8",
+            f"--data.cache_dir={session_cache_dir}", "--data.num_proc=1", "--batch_size=4"]
+    assert run_evaluate_script("--model", decoding_checkpoint, *data, "--output_dir", tmp_path / "plain") == 0
+    assert run_evaluate_script("--model", decoding_checkpoint, *data, "--output_dir", tmp_path / "assisted",
+                               f"--eval.assistant_model={assistant_of_decoding_checkpoint}") == 0
+    plain, assisted = (read_predictions_jsonl(tmp_path / name / "predictions.jsonl") for name in ("plain", "assisted"))
+    assert [row["hypothesis"] for row in assisted] == [row["hypothesis"] for row in plain]
+    assert any(row["hypothesis"] for row in plain)
+    metrics = json.loads((tmp_path / "assisted" / "metrics.json").read_text())
+    assert metrics["decoding"]["assistant_model"] == str(assistant_of_decoding_checkpoint)
+    assert metrics["wer"] == json.loads((tmp_path / "plain" / "metrics.json").read_text())["wer"]
+    code = run_evaluate_script("--model", decoding_checkpoint, *data, "--output_dir", tmp_path / "refused",
+                               f"--eval.assistant_model={PROJECT / 'assets' / 'tiny-whisper-hi'}")
+    assert code == 2

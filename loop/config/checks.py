@@ -71,6 +71,8 @@ def validate(config: RunConfig) -> list[str]:
         problems += _model_path_problems(t.distill_from, "train.distill_from")
         if t.distill_alpha_ce == 0 and t.distill_alpha_kl == 0:
             problems.append("train.distill_alpha_ce and train.distill_alpha_kl are both 0: nothing to learn from")
+    if config.eval.assistant_model:
+        problems += _model_path_problems(config.eval.assistant_model, "eval.assistant_model")
     return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
 
 

@@ -289,6 +289,10 @@ class EvalConfig:
     language_id_drop_warning: Annotated[float, Range(low=0)] = 10.0
     """Warn when the share of utterances whose language Whisper detects as the set's own falls by more than this
     many points from step 0 (on the selection split and each guard set)."""
+    assistant_model: str = ""
+    """scripts/evaluate.py: a smaller model with the same tokenizer (e.g. a distilled student, folder or Hub id) that
+    drafts tokens for speculative decoding: the evaluated model's own greedy output, sooner (docs/distillation.md);
+    greedy only, one row at a time. Empty: plain decoding."""
 
 
 @dataclass

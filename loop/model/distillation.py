@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loop.data.collator import IGNORE_INDEX
-from loop.model.loading import ModelLoadError, load_for_inference
+from loop.model.loading import load_companion
 from loop.model.loss import decoder_logits, label_cross_entropy, token_losses
 
 
@@ -86,25 +86,11 @@ def build_distillation(config, model, processor, accelerator) -> Distillation | 
 
 def load_teacher(name_or_path: str, student, tokenizer, *, encoder_window: str = "full",
                  attn_implementation: str = "sdpa", device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The teacher, frozen (no parameter requires a gradient), in eval mode, on `device`, in float32 (the
-    student's mixed precision applies to its forward through `Distillation.autocast`), taking the same features
-    as the student (`encoder_window`: with `dynamic` its encoder takes the student's short windows). Raises
-    ModelLoadError unless it shares the student's tokenizer (`tokenizer`'s vocabulary), special ids, mel bins and
-    window: its distributions must be over the student's tokens, for the student's input."""
-    teacher, processor = load_for_inference(name_or_path, encoder_window=encoder_window,
-                                            attn_implementation=attn_implementation)
-    student_config = getattr(student, "module", student).config
-    keys = ("vocab_size", "num_mel_bins", "max_source_positions", "decoder_start_token_id", "pad_token_id",
-            "eos_token_id")
-    differing = [f"{key} {getattr(teacher.config, key)} (student: {getattr(student_config, key)})"
-                 for key in keys if getattr(teacher.config, key) != getattr(student_config, key)]
-    if processor.tokenizer.get_vocab() != tokenizer.get_vocab():
-        differing.append("tokenizer's vocabulary")
-    if differing:
-        raise ModelLoadError(
-            f"train.distill_from {name_or_path!r} cannot teach this model: its " + ", ".join(differing)
-            + " differ. Make the student from the teacher with scripts/make_student.py."
-        )
+    """The teacher (`loop.model.loading.load_companion`: the student's tokens and input), frozen (no parameter
+    requires a gradient), in eval mode, on `device`, in float32 (the student's mixed precision applies to its
+    forward through `Distillation.autocast`)."""
+    teacher = load_companion(name_or_path, student, tokenizer, "train.distill_from", encoder_window=encoder_window,
+                             attn_implementation=attn_implementation, device=device)
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
-    return teacher.eval().to(device)
+    return teacher.eval()
