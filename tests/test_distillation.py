@@ -302,3 +302,15 @@ def test_evaluate_script_with_an_assistant_gives_the_same_transcripts(tmp_path, 
     code = run_evaluate_script("--model", decoding_checkpoint, *data, "--output_dir", tmp_path / "refused",
                                f"--eval.assistant_model={PROJECT / 'assets' / 'tiny-whisper-hi'}")
     assert code == 2
+
+
+def test_the_demo_with_an_assistant_gives_the_same_transcripts(decoding_checkpoint, assistant_of_decoding_checkpoint,
+                                                               corpus_dir):
+    pytest.importorskip("gradio")
+    from loop.ship.demo import Transcriber
+
+    plain, assisted = Transcriber(decoding_checkpoint), Transcriber(decoding_checkpoint,
+                                                                    assistant_model=str(assistant_of_decoding_checkpoint))
+    assert assisted.assistant is not None
+    for row in corpus_rows("test")[:3]:
+        assert assisted.transcribe_file(row["audio_path"])[0] == plain.transcribe_file(row["audio_path"])[0]
