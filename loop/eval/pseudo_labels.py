@@ -101,10 +101,12 @@ def pseudo_label(config: RunConfig, model_name: str, split: str, output_dir: str
                  log=print) -> PseudoLabelReport:
     """Decodes every row of `config.data`'s `split` with `model_name`, writes `<split>_pseudo.csv` (columns audio,
     sentence: the pseudo-label, client_id, id, reference, wer) and `<split>_pseudo.report.json` to
-    `output_folder`, and returns the report. Train on it with `--data.source=manifest --data.path=<folder>
+    `output_folder`, and returns the report; with `data.max_train_samples`, its first rows only. Train on it with `--data.source=manifest --data.path=<folder>
     --data.train_splits=<split>_pseudo`."""
     skips = SkipLog(strict=config.data.strict)
     rows = load_utterances(config.data, split, skips, labelled=False).to_list()
+    if config.data.max_train_samples:  # the first rows, as a quick trial
+        rows = rows[:config.data.max_train_samples]
     folder = output_folder(config, split, output_dir)
     parts_dir = folder / f".{split}_pseudo.parts"
     check_plan(parts_dir, {"model": model_name, "source": config.data.source, "path": config.data.path,
