@@ -5,7 +5,9 @@ generation config (saved in every model folder), so one checkpoint gives the sam
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -102,15 +104,29 @@ def assisted_ids(model, assistant_model, input_features: torch.Tensor, encoder_o
             options.setdefault("logits_processor", LogitsProcessorList()).append(
                 SuppressAtFirstToken(settings.begin_suppress_tokens))
         inputs["input_features"] = features  # the assistant's own encoder reads them
-        token_ids = model.generate(**inputs, language=language or settings.language, task=settings.task,
-                                   use_cache=True, force_unique_generate_call=True, assistant_model=assistant_model,
-                                   **options, **engine_kwargs)
+        with quiet_drafts():
+            token_ids = model.generate(**inputs, language=language or settings.language, task=settings.task,
+                                       use_cache=True, force_unique_generate_call=True,
+                                       assistant_model=assistant_model, **options, **engine_kwargs)
         rows.append(without_prompt(token_ids, settings)[0])
     width = max((len(ids) for ids in rows), default=0)
     padded = torch.full((len(rows), width), settings.pad_token_id, dtype=torch.long, device=input_features.device)
     for row, ids in enumerate(rows):
         padded[row, :len(ids)] = ids
     return padded
+
+
+@contextlib.contextmanager
+def quiet_drafts():
+    """Without transformers' generation warnings: each of the assistant's drafts is a `generate` call given
+    `max_new_tokens` beside the copied `max_length`, and says so twice, for every few tokens of every clip."""
+    logger = logging.getLogger("transformers.generation.utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class SuppressAtFirstToken(LogitsProcessor):
