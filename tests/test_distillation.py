@@ -314,3 +314,34 @@ def test_the_demo_with_an_assistant_gives_the_same_transcripts(decoding_checkpoi
     assert assisted.assistant is not None
     for row in corpus_rows("test")[:3]:
         assert assisted.transcribe_file(row["audio_path"])[0] == plain.transcribe_file(row["audio_path"])[0]
+
+
+def test_a_frozen_copied_encoder_runs_once_for_both(deep_teacher, student_of_deep_teacher, processor_batch):
+    """A student whose encoder is the teacher's, frozen, without dropout or SpecAugment, takes the teacher's encoder
+    output: the same losses and gradients as running its own encoder. Not shared once it differs, trains, or
+    masks its input."""
+    from loop.config import ModelConfig
+    from loop.model.distillation import Distillation, distillation_token_losses, shares_encoder
+    from loop.model.loading import load_model
+
+    teacher, _ = load_for_inference(str(deep_teacher))
+    student, _ = load_model(ModelConfig(name_or_path=str(student_of_deep_teacher), freeze_encoder=True))
+    assert shares_encoder(student, teacher)
+    batch = processor_batch(student)
+    results = []
+    for shared in (False, True):
+        student.zero_grad()
+        losses = distillation_token_losses(student, batch, Distillation(teacher, shared_encoder=shared))
+        losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and not any(n.startswith("model.encoder.") for n in results[0][1])
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+    unfrozen, _ = load_model(ModelConfig(name_or_path=str(student_of_deep_teacher)))
+    masking, _ = load_model(ModelConfig(name_or_path=str(student_of_deep_teacher), freeze_encoder=True,
+                                        apply_spec_augment=True))
+    assert not shares_encoder(unfrozen, teacher) and not shares_encoder(masking, teacher)
+    with torch.no_grad():
+        student.model.encoder.layers[0].fc1.weight.mul_(2)
+    assert not shares_encoder(student, teacher)

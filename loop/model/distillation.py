@@ -40,6 +40,9 @@ class Distillation:
     temperature: float = 2.0
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """The mixed-precision context the student runs under (`accelerator.autocast`), for the teacher's forward."""
+    shared_encoder: bool = False
+    """The student's encoder is the teacher's, frozen, without dropout or SpecAugment (`shares_encoder`): its
+    output is the teacher's, so the encoder runs once per micro-batch for both."""
 
 
 def kl_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -56,9 +59,12 @@ def kl_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def distillation_token_losses(model, batch: dict, distillation: Distillation) -> torch.Tensor:
     """(batch, label_length) alpha_ce * CE + alpha_kl * T^2 * KL per target token of `batch` (with its
     `input_features`), 0 at padded positions; the gradient reaches the student only."""
-    student_logits = decoder_logits(model, batch)
+    encoder_outputs = None
     with torch.no_grad(), distillation.autocast():
-        teacher_logits = decoder_logits(distillation.teacher, batch)
+        if distillation.shared_encoder:
+            encoder_outputs = distillation.teacher.get_encoder()(batch["input_features"])
+        teacher_logits = decoder_logits(distillation.teacher, batch, encoder_outputs)
+    student_logits = decoder_logits(model, batch, encoder_outputs)
     losses = kl_token_losses(student_logits, teacher_logits, batch["labels"], distillation.temperature)
     return distillation.alpha_ce * label_cross_entropy(student_logits, batch["labels"]) + distillation.alpha_kl * losses
 
@@ -79,9 +85,23 @@ def build_distillation(config, model, processor, accelerator) -> Distillation | 
         return None
     teacher = load_teacher(t.distill_from, model, processor.tokenizer, encoder_window=m.encoder_window,
                            attn_implementation=m.attn_implementation, device=accelerator.device)
+    shared = shares_encoder(model, teacher)
     accelerator.print(f"distilling from {t.distill_from}: {t.distill_alpha_ce:g} x CE + {t.distill_alpha_kl:g} x "
-                      f"T^2 KL at T={t.distill_temperature:g}")
-    return Distillation(teacher, t.distill_alpha_ce, t.distill_alpha_kl, t.distill_temperature, accelerator.autocast)
+                      f"T^2 KL at T={t.distill_temperature:g}" + ("; one encoder pass for both" if shared else ""))
+    return Distillation(teacher, t.distill_alpha_ce, t.distill_alpha_kl, t.distill_temperature, accelerator.autocast,
+                        shared)
+
+
+def shares_encoder(student, teacher) -> bool:
+    """Whether the student's encoder output is bound to equal the teacher's: its encoder frozen
+    (`model.freeze_encoder`), with no dropout or SpecAugment in training, and its weights the teacher's, bit for
+    bit (a student of `scripts/make_student.py` with all encoder layers)."""
+    config, encoder = student.config, student.get_encoder()
+    randomness = (config.dropout, config.attention_dropout, config.activation_dropout)
+    if any(p.requires_grad for p in encoder.parameters()) or any(randomness) or config.apply_spec_augment:
+        return False
+    ours, theirs = encoder.state_dict(), teacher.get_encoder().state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].device)) for k in ours)
 
 
 def load_teacher(name_or_path: str, student, tokenizer, *, encoder_window: str = "full",
