@@ -166,14 +166,15 @@ def distillation_run(tmp_path, student, teacher, cache_dir, name, *overrides):
 
 def test_a_distillation_run_trains_the_student_and_its_loss_falls(tmp_path, student_of_deep_teacher, deep_teacher,
                                                                   session_cache_dir):
-    """The loop with a teacher: the loss (CE + KL) falls, the teacher is untouched and in no checkpoint, best/ is
-    the 2-layer student."""
+    """The loop with a teacher (the student's encoder frozen: one encoder pass for both): the loss (CE + KL)
+    falls, the teacher is untouched and in no checkpoint, best/ is the 2-layer student."""
     from loop.train import train
     from tests.helpers import tensorboard_scalars
 
     config = distillation_run(tmp_path, student_of_deep_teacher, deep_teacher, session_cache_dir, "run",
                               "--train.max_steps=24", "--eval.eval_steps=24", "--train.save_steps=24",
-                              "--train.distill_alpha_ce=0.5", "--train.distill_temperature=1.5")
+                              "--train.distill_alpha_ce=0.5", "--train.distill_temperature=1.5",
+                              "--model.freeze_encoder=true")
     train(config)
     losses = tensorboard_scalars(tmp_path / "run", "train/loss")
     assert losses[24] < losses[1] * 0.75, (losses[1], losses[24])
