@@ -59,7 +59,8 @@ def test_pseudo_labels_skip_a_corrupt_clip_and_filter_by_wer(corpus_copy, decodi
 
 
 def test_unlabelled_audio_gets_pseudo_labels(tmp_path, corpus_copy, decoding_checkpoint):
-    """A manifest with an audio column only: every row is labelled, none compared, none dropped by the filter."""
+    """A manifest with an audio column only: every row is labelled, none compared, none dropped by the filter;
+    `data.max_train_samples` takes the first rows only."""
     folder = corpus_copy(train=4, dev=0, test=0)
     clips = sorted((folder / "clips").iterdir())
     (tmp_path / "unlabelled").mkdir()
@@ -69,6 +70,9 @@ def test_unlabelled_audio_gets_pseudo_labels(tmp_path, corpus_copy, decoding_che
     report = json.loads((tmp_path / "out" / "train_pseudo.report.json").read_text())
     assert (report["read"], report["kept"], report["compared"], report["dropped_by_wer"]) == (4, 4, 0, 0)
     assert all(row["wer"] == "" and row["reference"] == "" for row in manifest_rows(tmp_path / "out" / "train_pseudo.csv"))
+    assert run_script("--model", decoding_checkpoint, "--data.source=manifest", "--data.path", tmp_path / "unlabelled",
+                      "--data.max_train_samples=2", "--output_dir", tmp_path / "first-two") == 0
+    assert len(manifest_rows(tmp_path / "first-two" / "train_pseudo.csv")) == 2  # a trial on the first rows
 
 
 @pytest.mark.slow  # three child processes (model load and decoding each): about a minute on 2 busy cores
