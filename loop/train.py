@@ -35,11 +35,12 @@ from loop.eval.guard_sets import (
 )
 from loop.eval.timestamps import evaluate_timestamps, timestamp_scalars
 from loop.files import write_json_atomic, write_text_atomic
+from loop.model.distillation import Distillation, build_distillation, training_token_losses
 from loop.model.encoder_window import batch_features
 from loop.model.features import LogMel
 from loop.model.loading import load_for_inference, load_model
 from loop.model.lora import trainable_summary
-from loop.model.loss import IGNORE_INDEX, token_losses
+from loop.model.loss import IGNORE_INDEX
 from loop.model.sharding import check_generation_supported, grad_norm_tensor
 from loop.optimizers import build_optimizer, get_lr_scheduler
 from loop.results import build_results, write_results
@@ -80,6 +81,8 @@ class Run:
     """`eval.guard_sets`, prepared, each with its evaluation DataLoader."""
     ema: EMA | None = None
     """`train.ema_decay`'s average of the weights, used for evaluation and `best/` (None: off)."""
+    distillation: Distillation | None = None
+    """`train.distill_from`'s frozen teacher and the loss weights (loop/model/distillation.py); None: labels only."""
 
 
 def train(config: RunConfig, trackers: tuple = ()) -> dict:
@@ -112,6 +115,7 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
         accelerator.print(f"warning: {warning}")
     checkpoint = prepare_output_dir(config, accelerator)  # locks the folder; the verified checkpoint to resume
     model, processor = load_model(config.model, config.eval)
+    distillation = build_distillation(config, model, processor, accelerator)  # a teacher that cannot teach stops us here
     if config.data.no_speech_fraction > 0:  # the empty transcript these rows teach must be one generation can give
         allow_empty_transcripts(model.generation_config)
     augmenter = Augmenter(config.augment, processor.feature_extractor.n_samples)  # a bad noise_dir stops us here
@@ -157,7 +161,7 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
             accelerator.print(prepared.report.summary() + f"  [guard set {prepared.guard.name}]")
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
     return Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, selection_loader,
-               test_loader, data, state, log_mel, augmenter, guards, ema)
+               test_loader, data, state, log_mel, augmenter, guards, ema, distillation)
 
 
 def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -263,7 +267,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
                 audio, _ = run.augmenter(audio, batch["audio_lengths"], generator)
             # Log-mel on the accelerator, at the model's window (full, or cut to the batch's longest clip).
             batch["input_features"] = batch_features(model, run.log_mel, audio)
-            token_loss_sum = token_losses(model, batch).sum()
+            token_loss_sum = training_token_losses(model, batch, run.distillation).sum()
             accelerator.backward(token_loss_sum * scale)
             loss_sum += token_loss_sum.detach().float()
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest audio transcribed, in seconds")
     parser.add_argument("--encoder_window", default=None, choices=["full", "dynamic"],
                         help="decode at the full window or cut to the clip (default: the model's own, from config.json)")
+    parser.add_argument("--assistant_model", default=None,
+                        help="a smaller model with the same tokenizer (e.g. a distilled student) for speculative "
+                             "decoding: the same transcripts, sooner (clips within the window; docs/distillation.md)")
     parser.add_argument("--max_file_size", default=DEFAULT_MAX_FILE_SIZE, help="largest upload, e.g. 100mb")
     parser.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait at once (more are told the queue is full)")
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         app = build_app(args.model, max_duration_s=args.max_duration_s, encoder_window=args.encoder_window,
-                        examples=None if args.examples == "none" else args.examples, max_queue=args.max_queue)
+                        examples=None if args.examples == "none" else args.examples, max_queue=args.max_queue,
+                        assistant_model=args.assistant_model)
     except ModelLoadError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

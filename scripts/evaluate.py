@@ -4,7 +4,8 @@
         --data.eval_split test --output_dir runs/eval-test [--compare openai/whisper-small] [--html]
 
 Decodes with the model folder's saved settings (language, task, max length, beams) unless --language, --task,
---num_beams (or --eval.generation_max_length) say otherwise. Data options come from --config PRESET and any
+--num_beams (or --eval.generation_max_length) say otherwise. --eval.assistant_model=DIR decodes --model greedily by
+speculative decoding with DIR (a smaller model with the same tokenizer) drafting tokens: the same transcripts. Data options come from --config PRESET and any
 --section.key=value (`--help` lists them). `accelerate launch --num_processes N scripts/evaluate.py ...` splits
 the work and gives the single-process result.
 

@@ -107,8 +107,14 @@ def test_a_preset_file_with_an_empty_section_loads(tmp_path):
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_loads(preset, corpus_root):
     # The Common Voice presets leave data.path empty on purpose (the user's download): give them the shipped corpus.
-    recipe = preset.startswith("whisper-small-hi")
-    config = load_config(preset, [f"--data.path={corpus_root}"] if preset.startswith("whisper-") else [])
+    recipe = preset.startswith("whisper-small-hi") and preset != "whisper-small-hi-distil"
+    overrides = [f"--data.path={corpus_root}"] if preset.startswith("whisper-") else []
+    if preset == "whisper-small-hi-distil":  # its student and teacher are the user's folders, made by its launch lines
+        tiny = str(corpus_root.parent / "tiny-whisper-hi")
+        overrides += [f"--model.name_or_path={tiny}", f"--train.distill_from={tiny}"]
+        with pytest.raises(ConfigError, match="train.distill_from 'runs/whisper-small-hi/best' does not exist"):
+            load_config(preset, overrides[:1])
+    config = load_config(preset, overrides)
     assert config.model.language == "hindi" and config.data.source == "common_voice"
     assert from_dict(to_dict(config)) == config  # what checkpoints save, they can load
     if preset == "whisper-small-hi-fast":  # the recipe, with the dynamic window and nothing else changed
@@ -126,6 +132,10 @@ def test_every_preset_loads(preset, corpus_root):
         assert config.model.name_or_path == name[preset] and config.model.gradient_checkpointing
         assert config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps == 16
         assert (config.train.mixed_precision, config.eval.generation_max_length) == ("bf16", 225)
+    elif preset == "whisper-small-hi-distil":  # distil-whisper's loss weights, the student's encoder frozen
+        assert (config.train.distill_alpha_ce, config.train.distill_alpha_kl, config.train.distill_temperature) == (
+            0.8, 1.0, 2.0)
+        assert config.model.freeze_encoder and config.train.learning_rate == 1e-4
     elif preset == "quickstart":  # offline and on CPU
         assert config.model.name_or_path == "assets/tiny-whisper-hi" and config.train.mixed_precision == "no"
 

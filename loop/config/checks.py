@@ -69,6 +69,12 @@ def validate(config: RunConfig) -> list[str]:
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
     problems += lora_problems(config) + tracker_problems(t.report_to)
+    if t.distill_from:
+        problems += _model_path_problems(t.distill_from, "train.distill_from")
+        if t.distill_alpha_ce == 0 and t.distill_alpha_kl == 0:
+            problems.append("train.distill_alpha_ce and train.distill_alpha_kl are both 0: nothing to learn from")
+    if config.eval.assistant_model:
+        problems += _model_path_problems(config.eval.assistant_model, "eval.assistant_model")
     return problems + field_problems(config, "eval") + _guard_set_problems(config) + _augment_problems(config)
 
 

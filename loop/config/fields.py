@@ -76,7 +76,7 @@ FIXED_ON_RESUME = {option for option in option_names()
                    if option.startswith(("data.", "augment."))} - NOT_FIXED_ON_RESUME | {
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed", "train.group_by_length",
     "model.name_or_path", "model.freeze_encoder", "model.lora", "model.lora_rank", "model.lora_target_modules",
-    "model.lora_layers", "model.quantization", "train.optimizer", "train.ema_decay",
+    "model.lora_layers", "model.quantization", "train.optimizer", "train.ema_decay", "train.distill_from",
 }
 NEVER_COMPARED = {"output_dir", "train.resume", "train.overwrite_output_dir", "train.allow_config_change"}
 

@@ -234,6 +234,16 @@ class TrainConfig:
     """Upload `best/` to the Hub at the end."""
     hub_model_id: str = ""
     """Repository for `push_to_hub`, e.g. `me/whisper-small-hi`."""
+    distill_from: str = ""
+    """Teacher model (folder or Hub id) to distil from: the model trained here (the student, e.g. one made by
+    scripts/make_student.py) learns from the labels and from the frozen teacher's token distributions
+    (docs/distillation.md); empty: no teacher."""
+    distill_alpha_ce: Annotated[float, Range(low=0)] = 0.8
+    """With `distill_from`: weight of the cross-entropy on the labels (distil-whisper's 0.8)."""
+    distill_alpha_kl: Annotated[float, Range(low=0)] = 1.0
+    """With `distill_from`: weight of T^2 * KL(teacher || student) at `distill_temperature` (distil-whisper's 1)."""
+    distill_temperature: Annotated[float, Range(low=0, low_open=True)] = 2.0
+    """With `distill_from`: softmax temperature of both distributions in the KL term (distil-whisper's 2)."""
 
 
 @dataclass
@@ -289,6 +299,10 @@ class EvalConfig:
     language_id_drop_warning: Annotated[float, Range(low=0)] = 10.0
     """Warn when the share of utterances whose language Whisper detects as the set's own falls by more than this
     many points from step 0 (on the selection split and each guard set)."""
+    assistant_model: str = ""
+    """scripts/evaluate.py: a smaller model with the same tokenizer (e.g. a distilled student, folder or Hub id) that
+    drafts tokens for speculative decoding: the evaluated model's own greedy output, sooner (docs/distillation.md);
+    greedy only, one row at a time. Empty: plain decoding."""
 
 
 @dataclass

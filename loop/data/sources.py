@@ -54,12 +54,14 @@ class SkipLog:
         return {"skipped": dict(self.counts), "messages": self.messages}
 
 
-def load_utterances(config: SourceConfig, split: str, skips: SkipLog) -> datasets.Dataset:
-    """All rows of one split of the configured source, as the common utterance table."""
+def load_utterances(config: SourceConfig, split: str, skips: SkipLog, labelled: bool = True) -> datasets.Dataset:
+    """All rows of one split of the configured source, as the common utterance table; with `labelled` false a
+    manifest may lack the transcript column (unlabelled audio, for pseudo-labelling: `text` is then "")."""
     if config.source == "common_voice":
         rows = read_common_voice_split(find_common_voice_dir(config.path, config.locale), split, skips)
     elif config.source == "manifest":
-        rows = read_manifest(find_manifest(config.path, split), config.audio_column, config.text_column, skips)
+        rows = read_manifest(find_manifest(config.path, split), config.audio_column, config.text_column, skips,
+                             labelled)
     else:
         return load_hub_split(config, split)
     # Column-wise: `Dataset.from_list([])` cannot build an empty table (a header-only TSV, every row skipped).
@@ -178,13 +180,15 @@ def find_manifest(path: str, split: str) -> Path:
     raise DataError(f"no manifest for split {split!r} in {folder} (expected {split}.tsv, {split}.csv or {split}.jsonl)")
 
 
-def read_manifest(manifest: Path, audio_column: str, text_column: str, skips: SkipLog) -> list[dict]:
-    """Rows of a CSV, TSV or JSONL manifest; audio paths are relative to the manifest's folder."""
+def read_manifest(manifest: Path, audio_column: str, text_column: str, skips: SkipLog,
+                  labelled: bool = True) -> list[dict]:
+    """Rows of a CSV, TSV or JSONL manifest; audio paths are relative to the manifest's folder. Without
+    `labelled`, a row may lack `text_column` (its text is then "")."""
     records = _manifest_records(manifest, skips)
     rows, seen_paths = [], set()
     for number, record in records:
         where = f"{manifest.name} row {number}"
-        if audio_column not in record or text_column not in record:
+        if audio_column not in record or (labelled and text_column not in record):
             missing = [c for c in (audio_column, text_column) if c not in record]
             skips.add("bad_manifest_row", f"{manifest} row {number}: no {' or '.join(missing)} column (set data.audio_column / data.text_column)")
             continue
@@ -202,7 +206,7 @@ def read_manifest(manifest: Path, audio_column: str, text_column: str, skips: Sk
                 "id": str(record.get("id") or Path(clip).stem),
                 "audio_path": str(audio),
                 "audio_bytes": None,
-                "text": str(record[text_column] or ""),
+                "text": str(record.get(text_column) or ""),
                 "client_id": str(record.get("client_id") or record.get("speaker_id") or ""),
                 "origin": where,
             }

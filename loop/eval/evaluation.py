@@ -35,12 +35,14 @@ class EvalResult:
 @torch.no_grad()  # without it the loss pass records a graph, and loss_sums would keep every batch's graph alive
 def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *, log_mel,
              compute_loss: bool = True, description: str = "eval", decode_language: str | None = None,
-             language_id: bool = True) -> EvalResult:
+             language_id: bool = True, assistant_model=None) -> EvalResult:
     """Decodes every utterance of `dataloader` once across all processes and scores it against `references`
     (indexed by the rows' `index`). `log_mel` (`loop.model.features.LogMel` of the model's feature extractor, on the
     accelerator) turns each batch's audio into features. `language` names the references' language (their
     normalization and language ID); decoding is forced to `decode_language`, else to the model folder's language.
     With `language_id`, Whisper's own language detection runs on the same encoder output (one decoder step).
+    With `assistant_model` (on the same device) hypotheses come from speculative decoding, the model's own greedy
+    ones (`loop.model.decoding.assisted_ids`).
     Every process returns the same result. A model sharded with FSDP2 is gathered whole for the evaluation, and
     ZeRO-3 generates in lockstep (`loop.model.sharding`)."""
     started = time.perf_counter()
@@ -49,7 +51,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
     with full_parameters(model):
         result = _evaluate(model, dataloader, accelerator, tokenizer, references, language, log_mel=log_mel,
                            compute_loss=compute_loss, description=description, decode_language=decode_language,
-                           language_id=language_id)
+                           language_id=language_id, assistant_model=assistant_model)
     if was_training:
         model.train()
     result.seconds = time.perf_counter() - started
@@ -57,7 +59,8 @@ def evaluate(model, dataloader, accelerator, tokenizer, references: list[str], l
 
 
 def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], language: str, *, log_mel,
-              compute_loss: bool, description: str, decode_language: str | None, language_id: bool) -> EvalResult:
+              compute_loss: bool, description: str, decode_language: str | None, language_id: bool,
+              assistant_model=None) -> EvalResult:
     generator = accelerator.unwrap_model(model)
     engine_kwargs = generation_kwargs(accelerator)
     pad_id = generator.generation_config.pad_token_id
@@ -77,7 +80,7 @@ def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], 
                     loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
                     cross_attention = cache.cross_attention_cache
                 token_ids = decode_ids(generator, features, tokenizer, encoder_outputs, cross_attention,
-                                       decode_language, batch["durations"], **engine_kwargs)
+                                       decode_language, batch["durations"], assistant_model, **engine_kwargs)
                 languages = detect_language_ids(generator, encoder_outputs) if language_ids else None
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:

@@ -36,7 +36,7 @@ from loop.files import write_json_atomic
 from loop.model.decoding_options import OPTION_NAMES, describe, override_decoding_options
 from loop.model.encoder_window import saved_encoder_window
 from loop.model.features import LogMel
-from loop.model.loading import load_for_inference
+from loop.model.loading import load_companion, load_for_inference
 from loop.run.accelerator import build_accelerator, resolve_mixed_precision
 from loop.run.lock import refuse_inside_running_run
 
@@ -169,10 +169,11 @@ def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
 
 def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
                          batch_size: int, same_as: PreparedSplit | None = None,
-                         timestamps: bool = False) -> tuple[ModelEvaluation, PreparedSplit]:
+                         timestamps: bool = False, assistant: str = "") -> tuple[ModelEvaluation, PreparedSplit]:
     """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
     `loop.eval.evaluation.evaluate` (on `same_as`'s utterances if given); with `timestamps`, the main process decodes
-    them with timestamps too (`loop.eval.timestamps`, metrics.json's "timestamps")."""
+    them with timestamps too (`loop.eval.timestamps`, metrics.json's "timestamps"); with `assistant` (a model folder
+    or Hub id), by speculative decoding with it as the assistant model."""
     settings = {key: value for key, value in asdict(decode).items() if key != "options"}
     model, processor = load_for_inference(
         name, **settings, fallback_language=config.model.language,
@@ -183,9 +184,15 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     loader = accelerator.prepare(eval_dataloader(split.table, batch_size, model.config.decoder_start_token_id))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
     log_mel = LogMel(processor.feature_extractor).to(accelerator.device)
+    assistant_model = assistant and load_companion(
+        assistant, model, processor.tokenizer, "eval.assistant_model", encoder_window=saved_encoder_window(model)[0],
+        attn_implementation=config.model.attn_implementation, device=accelerator.device)
     result = evaluate(prepared, loader, accelerator, processor.tokenizer, split.table["text"],
-                      model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}")
+                      model.generation_config.language, log_mel=log_mel, description=f"evaluate {name}",
+                      assistant_model=assistant_model or None)
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
+    if assistant:
+        metrics["decoding"]["assistant_model"] = assistant
     if timestamps and accelerator.is_main_process:
         metrics["timestamps"] = evaluate_timestamps(model, processor.tokenizer, split.table, log_mel,
                                                     batch_size=batch_size, language=model.generation_config.language)
@@ -209,7 +216,8 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     if inside_run:
         raise ConfigError([inside_run])
     accelerator = build_accelerator(resolve_mixed_precision(mixed_precision, "--mixed_precision"))
-    first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size, timestamps=timestamps)
+    first, split = evaluate_saved_model(config, model_name, decode, accelerator, batch_size, timestamps=timestamps,
+                                        assistant=config.eval.assistant_model)
     second = None
     if compare:
         second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split,

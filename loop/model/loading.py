@@ -140,3 +140,27 @@ def check_files_agree(name_or_path: str, model, processor) -> None:
         check_layout(name_or_path, model, processor, settings.language, settings.task)
     except LayoutError as error:
         raise ModelLoadError(str(error)) from error
+
+
+def load_companion(name_or_path: str, model, tokenizer, option: str, *, encoder_window: str = "full",
+                   attn_implementation: str = "sdpa", device="cpu") -> WhisperForConditionalGeneration:
+    """A second model working beside `model` on its inputs and tokens (a distillation teacher, an assistant for
+    speculative decoding), loaded for inference on `device` with `encoder_window` (with `dynamic` its encoder takes
+    `model`'s short windows). Raises ModelLoadError naming `option` unless the two share the tokenizer
+    (`tokenizer`'s vocabulary), special ids, mel bins and window: the one's distributions must be over the other's
+    tokens, for the same input."""
+    companion, processor = load_for_inference(name_or_path, encoder_window=encoder_window,
+                                              attn_implementation=attn_implementation)
+    config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    keys = ("vocab_size", "num_mel_bins", "max_source_positions", "decoder_start_token_id", "pad_token_id",
+            "eos_token_id")
+    differing = [f"{key} {getattr(companion.config, key)} (the other model's: {getattr(config, key)})"
+                 for key in keys if getattr(companion.config, key) != getattr(config, key)]
+    if processor.tokenizer.get_vocab() != tokenizer.get_vocab():
+        differing.append("tokenizer's vocabulary")
+    if differing:
+        raise ModelLoadError(
+            f"{option} {name_or_path!r} cannot work with this model: its " + ", ".join(differing) + " differ. "
+            "Make the smaller model from the larger one with scripts/make_student.py."
+        )
+    return companion.to(device)

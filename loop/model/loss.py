@@ -19,10 +19,21 @@ def token_losses(model, batch: dict, encoder_outputs=None, cache=None) -> torch.
     (the encoder's output for `batch["input_features"]`) the encoder is not run again. With `cache` (an empty
     `EncoderDecoderCache`) the pass leaves the cross-attention keys and values of the encoder output in it, for
     generation to reuse."""
+    logits = decoder_logits(model, batch, encoder_outputs, cache)
+    return label_cross_entropy(logits, batch["labels"])
+
+
+def decoder_logits(model, batch: dict, encoder_outputs=None, cache=None) -> torch.Tensor:
+    """(batch, label_length, vocabulary) logits of every target position, the labels fed in shifted right
+    (teacher forcing); `encoder_outputs` and `cache` as for `token_losses`."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
     inputs = {"encoder_outputs": encoder_outputs} if encoder_outputs is not None else {"input_features": batch["input_features"]}
     caching = {"use_cache": False} if cache is None else {"use_cache": True, "cache": cache}
-    logits = model(**inputs, decoder_input_ids=decoder_input_ids, **caching).logits
+    return model(**inputs, decoder_input_ids=decoder_input_ids, **caching).logits
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch, label_length) cross-entropy of `labels` under `logits`, in float32, 0 where a label is -100."""
     return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")

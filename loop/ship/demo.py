@@ -29,9 +29,9 @@ from loop.eval.long_form import transcribe_long  # noqa: E402
 from loop.extras import require  # noqa: E402
 from loop.languages import language_code  # noqa: E402
 from loop.model.decoding import transcribe  # noqa: E402
-from loop.model.encoder_window import batch_features  # noqa: E402
+from loop.model.encoder_window import batch_features, saved_encoder_window  # noqa: E402
 from loop.model.features import LogMel, pad_waveforms  # noqa: E402
-from loop.model.loading import load_for_inference  # noqa: E402
+from loop.model.loading import load_companion, load_for_inference  # noqa: E402
 from loop.ship.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
 
 gr = require("gradio", "demo", "the demo")
@@ -58,8 +58,11 @@ class Transcriber:
     can be chosen per call)."""
 
     def __init__(self, model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S,
-                 encoder_window: str | None = None):
+                 encoder_window: str | None = None, assistant_model: str | None = None):
         self.model, self.processor = load_for_inference(str(model_dir), encoder_window=encoder_window)
+        self.assistant = assistant_model and load_companion(  # speculative decoding: loop.model.decoding.assisted_ids
+            assistant_model, self.model, self.processor.tokenizer, "--assistant_model",
+            encoder_window=saved_encoder_window(self.model)[0])
         self.log_mel = LogMel(self.processor.feature_extractor)
         self.max_duration_s = max_duration_s
         self.lock = threading.Lock()  # the generation config is switched per call: one call at a time
@@ -93,7 +96,7 @@ class Transcriber:
             audio, _ = pad_waveforms([as_cached(waveform)])  # the samples evaluation decodes from its cache
             if len(waveform) <= self.window_s * SAMPLE_RATE:
                 features = batch_features(self.model, self.log_mel, audio)
-                text = transcribe(self.model, features, self.processor.tokenizer)[0]
+                text = transcribe(self.model, features, self.processor.tokenizer, self.assistant or None)[0]
             else:
                 text = transcribe_long(self.model, self.log_mel, self.processor.tokenizer, audio, progress=progress)
         return text, time.perf_counter() - started
@@ -200,11 +203,11 @@ def make_blocks(transcriber: Transcriber, title: str = "whisper-loop demo",
 
 def build_app(model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S,
               encoder_window: str | None = None, examples: str | Path | None = "",
-              max_queue: int = DEFAULT_MAX_QUEUE) -> gr.Blocks:
+              max_queue: int = DEFAULT_MAX_QUEUE, assistant_model: str | None = None) -> gr.Blocks:
     """The demo app for a saved model folder (or Hub id), named by its model card; launch it with `launch()`.
     `examples`: a Common Voice folder whose test split offers clips to click ("": the shipped synthetic corpus;
-    None: none)."""
-    transcriber = Transcriber(model_dir, max_duration_s, encoder_window)
+    None: none); `assistant_model`: a smaller model with the same tokenizer, for speculative decoding."""
+    transcriber = Transcriber(model_dir, max_duration_s, encoder_window, assistant_model)
     clips = example_clips(examples) if examples is not None else []
     return make_blocks(transcriber, title=f"whisper-loop: {card_name(model_dir)}", examples=clips,
                        max_queue=max_queue)
