@@ -50,6 +50,7 @@ from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
 from loop.run.lock import release
 from loop.run.output_dir import TENSORBOARD_DIR, prepare_output_dir
+from loop.run.precision import apply_update
 from loop.run.stopping import StopRequested, agreed_stop
 from loop.ship.model_card import push_to_hub, write_model_card
 from loop.train_log import Interval, StepFigures, WaitClock, log_evaluation, log_guard_sets, log_training
@@ -262,13 +263,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm_tensor(grad_norm, accelerator.device)  # DeepSpeed hands back a float
-    finite = torch.isfinite(accelerator.reduce(loss_sum.clone(), reduction="sum"))
-    if accelerator.mixed_precision != "fp16":  # fp16's scaler skips overflowing gradients itself
-        finite &= torch.isfinite(grad_norm)
-    if finite.item():  # one sync per step: every process must agree on skipping
-        run.optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            run.scheduler.step()
+    if apply_update(accelerator, run.optimizer, run.scheduler, loss_sum, grad_norm):  # fp16: the scaler decides
         run.state.consecutive_nonfinite = 0
     else:
         run.state.nonfinite_steps += 1

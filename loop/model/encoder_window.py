@@ -135,11 +135,24 @@ def saved_encoder_window(model_or_config) -> tuple[str, float]:
 def batch_features(model, log_mel, audio: torch.Tensor) -> torch.Tensor:
     """The log-mel features of a padded batch of audio (batch, samples) at the window the model's config records:
     the full window, or with `dynamic` the batch's longest clip rounded up to the recorded multiple. The batch's
-    width is its longest clip (the collator pads to it), so no length is read back from the device."""
+    width is its longest clip (the collator pads to it), so no length is read back from the device. In the
+    weights' dtype when they are half (`as_model_input`)."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
     window, multiple_s = saved_encoder_window(config)
     if window != "dynamic":
-        return log_mel(audio)
+        return as_model_input(model, log_mel(audio))
     frames = window_frames([audio.shape[1]], log_mel.hop_length, multiple_s, log_mel.sampling_rate,
                            full_window_frames(config))
-    return log_mel(audio, n_frames=frames)
+    return as_model_input(model, log_mel(audio, n_frames=frames))
+
+
+def as_model_input(model, features: torch.Tensor) -> torch.Tensor:
+    """Float `features` in the dtype of the model's weights when they are half: a DeepSpeed engine's bf16/fp16
+    weights, under which Accelerate runs no autocast (the Trainer casts inputs there for the same reason), or a
+    model loaded in half precision. With float32 weights (autocast, FSDP2's mixed precision, which casts inputs
+    itself) they stay float32."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel and DeepSpeed's engine keep it in .module
+    dtype = inner.get_encoder().conv1.weight.dtype  # the first layer the features meet
+    if dtype in (torch.float16, torch.bfloat16) and features.dtype != dtype:
+        return features.to(dtype)
+    return features

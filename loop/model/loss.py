@@ -25,4 +25,7 @@ def token_losses(model, batch: dict, encoder_outputs=None, cache=None) -> torch.
     inputs = {"encoder_outputs": encoder_outputs} if encoder_outputs is not None else {"input_features": batch["input_features"]}
     caching = {"use_cache": False} if cache is None else {"use_cache": True, "cache": cache}
     logits = model(**inputs, decoder_input_ids=decoder_input_ids, **caching).logits
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    # Over (batch x length, vocabulary) rows: over (batch, vocabulary, length) torch picks nll_loss2d, whose CUDA
+    # kernel is not deterministic (`train.deterministic` would raise at the first step). Same values.
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view_as(labels)

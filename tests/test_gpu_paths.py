@@ -1,0 +1,141 @@
+"""The GPU code paths a CPU can run (issue 21's findings): fp16's GradScaler driving the loop's own step, half
+weights without autocast, the cross-entropy kernel, the process-group timeout, the disk estimate of DTensors,
+LoRA under a sharded engine, compile after wrapping.
+
+fp16 on the CPU: Accelerate gives a CPU run no GradScaler (it has no fp16 autocast there), so `fp16_as_on_a_gpu`
+puts on the run's Accelerator what `Accelerator.__init__` and `prepare()` give a CUDA fp16 run (a GradScaler, the
+optimizer wrapped with it, `native_amp`, the mixed precision "fp16"), with torch's CPU GradScaler. Everything after
+it is Accelerate's and the loop's own code: `accelerator.backward` scales, `clip_grad_norm_` unscales,
+`loop.train.optimizer_step` decides."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loop.eval.evaluation import evaluate
+from loop.model.loss import IGNORE_INDEX, token_losses
+from loop.train import endless_batches, optimizer_step, setup
+from tests.helpers import run_config
+from tests.test_faults import spoil_training_logits
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def small_config(tmp_path, fast_model, cache_dir, *extra):
+    return run_config(tmp_path / "run", fast_model, cache_dir, "--data.max_train_samples=16",
+                      "--data.max_eval_samples=4", "--data.selection_size=4", "--train.per_device_train_batch_size=4",
+                      "--eval.generation_max_length=16", "--train.report_to=none", "--train.mixed_precision=no",
+                      *extra)
+
+
+def fp16_as_on_a_gpu(run, init_scale: float):
+    """The run with what Accelerate sets up for fp16 on a GPU (see the module docstring); returns (run, scaler)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    accelerator = run.accelerator
+    accelerator.scaler, accelerator.native_amp = scaler, True
+    accelerator.state._mixed_precision = "fp16"
+    inner = run.optimizer.optimizer
+    optimizer = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    accelerator._optimizers = [optimizer]
+    return dataclasses.replace(run, optimizer=optimizer), scaler
+
+
+def spoil_gradients(parameter, spoiled):
+    """Multiplies `parameter`'s gradient by inf in the n-th backward pass (from 1) when `spoiled(n)`: the loss stays
+    finite, the gradients overflow, as fp16's do."""
+    passes = itertools.count(1)
+    return parameter.register_hook(lambda grad: grad * math.inf if spoiled(next(passes)) else grad)
+
+
+def test_fp16_a_nan_step_is_skipped_by_the_scaler_and_the_next_step_trains(tmp_path, fast_model, session_cache_dir):
+    """Finding 1: a non-finite loss under fp16 is the scaler's to skip. Skipping `optimizer.step()` by hand left the
+    scaler unscaled, and the next step raised "unscale_() has already been called"."""
+    run, scaler = fp16_as_on_a_gpu(setup(small_config(tmp_path, fast_model, session_cache_dir)), init_scale=2.0**10)
+    spoil_training_logits(run.model, lambda n: n == 2, float("nan"))  # one micro-batch a step: step 2
+    batches = endless_batches(run)
+    losses = [optimizer_step(run, batches).loss_sum for _ in range(3)]
+    assert math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2])
+    assert run.state.nonfinite_steps == 1 and run.state.consecutive_nonfinite == 0
+    assert scaler.get_scale() == 2.0**9  # lowered once, by the overflow
+    assert run.scheduler.scheduler.last_epoch == 2  # the schedule advanced on the two steps taken
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_fp16_fused_adamw_overflow_is_counted_and_holds_the_schedule(tmp_path, fast_model, session_cache_dir):
+    """Finding 2: fused AdamW (the loop's) is always called by the scaler, so Accelerate's
+    `optimizer_step_was_skipped` stays False; the loop reads the scale instead. Gradients overflow on step 1 with
+    a finite loss."""
+    run, scaler = fp16_as_on_a_gpu(setup(small_config(tmp_path, fast_model, session_cache_dir)), init_scale=2.0**10)
+    assert run.optimizer.optimizer.defaults["fused"]
+    conv = run.model.get_encoder().conv1.weight
+    spoil_gradients(conv, lambda n: n == 1)
+    before = conv.detach().clone()
+    batches = endless_batches(run)
+    first = optimizer_step(run, batches)
+    assert math.isfinite(first.loss_sum) and torch.equal(conv.detach(), before)  # not updated
+    assert run.state.nonfinite_steps == 1 and run.scheduler.scheduler.last_epoch == 0
+    optimizer_step(run, batches)
+    optimizer_step(run, batches)
+    assert run.state.nonfinite_steps == 1 and run.scheduler.scheduler.last_epoch == 2
+    assert scaler.get_scale() == 2.0**9 and not torch.equal(conv.detach(), before)
+
+
+def test_half_weights_without_autocast_get_half_features_in_step_loss_and_evaluation(tmp_path, fast_model,
+                                                                                    session_cache_dir):
+    """Finding 3: under DeepSpeed Accelerate runs no autocast and the engine's weights are bf16/fp16; the float32
+    log-mel then failed at the first convolution (in the evaluation each batch failed and was left out)."""
+    run = setup(small_config(tmp_path, fast_model, session_cache_dir))
+    run.model.to(torch.bfloat16)  # in place: the optimizer keeps the same parameters
+    assert not torch.is_autocast_enabled("cpu")
+    figures = optimizer_step(run, endless_batches(run))
+    assert math.isfinite(figures.loss_sum) and run.state.nonfinite_steps == 0
+    result = evaluate(run.model, run.selection_loader, run.accelerator, run.processor.tokenizer,
+                      run.data.selection["text"], run.config.model.language, log_mel=run.log_mel)
+    assert result.metrics["num_failed"] == 0 and result.metrics["num_utterances"] == len(run.data.selection)
+    assert math.isfinite(result.metrics["loss"])
+
+
+def test_the_token_loss_uses_the_flat_kernel_and_gives_the_same_values():
+    """Finding 7: cross-entropy over (batch, vocabulary, length) is torch's nll_loss2d, which has no deterministic
+    CUDA kernel (`train.deterministic` raised at the first step); over (batch x length, vocabulary) it is nll_loss,
+    which has one. The same values within float32 rounding (closer to float64's than before)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Logits(torch.nn.Module):  # stands in for Whisper: token_losses reads .config and .logits
+        config = type("Config", (), {"pad_token_id": 0, "decoder_start_token_id": 1})()
+
+        def forward(self, input_features, decoder_input_ids, **kwargs):
+            generator = torch.Generator().manual_seed(0)
+            logits = torch.randn(*decoder_input_ids.shape, 51865, generator=generator) * 4
+            return type("Output", (), {"logits": logits})()
+
+    labels = torch.randint(0, 51865, (3, 7), generator=torch.Generator().manual_seed(1))
+    labels[0, 5:] = IGNORE_INDEX
+    batch = {"labels": labels, "input_features": torch.zeros(3, 80, 10)}
+    with Ops() as ops:
+        losses = token_losses(Logits(), batch)
+    assert not any("nll_loss2d" in name for name in ops.names) and any("nll_loss" in n for n in ops.names)
+    logits = Logits()(None, labels).logits
+    over_classes = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    exact = F.cross_entropy(logits.double().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    assert losses.shape == labels.shape and (losses[0, 5:] == 0).all()
+    # Not bit for bit: the log-softmax sums the vocabulary in another order. The flat layout's is the closer one.
+    assert (losses - exact).abs().max() <= (over_classes - exact).abs().max()
+    torch.testing.assert_close(losses.double(), exact, rtol=1e-6, atol=0)
