@@ -100,6 +100,7 @@ def setup(config: RunConfig) -> Run:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
         project_dir=config.output_dir,
+        timeout_minutes=config.train.ddp_timeout_minutes,
     )
     set_seed(config.train.seed)
     if deterministic:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from loop.eval.evaluation import evaluate
 from loop.model.loss import IGNORE_INDEX, token_losses
 from loop.train import endless_batches, optimizer_step, setup
-from tests.helpers import run_config
+from tests.helpers import PROJECT, run_config
 from tests.test_faults import spoil_training_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -139,3 +139,47 @@ def test_the_token_loss_uses_the_flat_kernel_and_gives_the_same_values():
     # Not bit for bit: the log-softmax sums the vocabulary in another order. The flat layout's is the closer one.
     assert (losses - exact).abs().max() <= (over_classes - exact).abs().max()
     torch.testing.assert_close(losses.double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("environ, engine", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/deepspeed_zero3.json"},
+     "DeepSpeed ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/deepspeed_zero2.json"},
+     ""),
+    ({}, ""),
+], ids=["fsdp", "zero3-stage", "zero3-file", "zero2-file", "plain"])
+def test_lora_under_a_sharding_engine_is_refused_before_loading(monkeypatch, tiny_model_dir, environ, engine):
+    """Finding 6: LoRA's adapter checkpoints and its merge into best/ read whole parameters on the main process;
+    under FSDP or ZeRO-3 (what `accelerate launch` puts in the environment) the run is refused with the ways out.
+    ZeRO-2 and plain data parallel keep parameters whole: allowed."""
+    from loop.config import ConfigError
+    from loop.config.loading import load_config
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                 "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(PROJECT)  # accelerate launch gives the JSON file's path as the config file has it
+    overrides = [f"--model.name_or_path={tiny_model_dir}", "--train.mixed_precision=no"]
+    load_config("quickstart", overrides)  # without LoRA every engine is fine
+    if not engine:
+        load_config("quickstart", [*overrides, "--model.lora=true"])
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config("quickstart", [*overrides, "--model.lora=true"])
+    (problem,) = [p for p in caught.value.problems if "model.lora" in p]
+    assert f"under {engine} is not supported" in problem and "--multi_gpu" in problem and "zero2" in problem
+
+
+def test_the_process_group_timeout_is_the_configured_one(tmp_path, fast_model, session_cache_dir):
+    """Finding 8: the loop's Accelerator sets the process group's timeout (NCCL's default is 10 minutes)."""
+    from datetime import timedelta
+
+    from loop.config.sections import TrainConfig
+
+    assert TrainConfig().ddp_timeout_minutes == 60
+    run = setup(small_config(tmp_path, fast_model, session_cache_dir, "--train.ddp_timeout_minutes=90"))
+    assert run.accelerator.init_handler.timeout == timedelta(minutes=90)

@@ -206,6 +206,9 @@ class TrainConfig:
     padding, and a short window for every row with `model.encoder_window: dynamic`."""
     dataloader_num_workers: NotNegative = 0
     """DataLoader worker processes."""
+    ddp_timeout_minutes: Annotated[float, Range(low=1)] = 60.0
+    """Minutes a process waits in a collective (a barrier, an all-reduce) before the run fails; NCCL's own default,
+    10, is shorter than preparing an uncached corpus or hashing a large checkpoint on the main process."""
     resume: Annotated[bool | str, Pattern(r"step_\d+", "true, false or step_N")] = False
     """`true`: continue from the newest checkpoint in `output_dir` that passes verification (its files' SHA-256);
     `step_N`: from `checkpoints/step_N`."""

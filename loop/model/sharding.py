@@ -85,12 +85,19 @@ def full_state_dict(accelerator, model) -> dict:
 
 def check_generation_supported(accelerator, model) -> None:
     """FSDP1 (`fsdp_version: 1`) keeps flattened parameters the evaluation cannot gather this way: refused, with
-    the fix."""
+    the fix. So is LoRA under FSDP or ZeRO-3 (`loop.config.checks.engine_problems` says why; this catches an
+    engine set up without `accelerate launch`'s environment)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP and not fsdp2_units(model):
+    from loop.model.lora import is_lora_model
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not fsdp2_units(model):
         raise ValueError("FSDP version 1 is not supported by the evaluation: set fsdp_version: 2 in the accelerate "
                          "config (accelerate_configs/fsdp.yaml does)")
+    if (fsdp or is_zero3(accelerator)) and is_lora_model(accelerator.unwrap_model(model)):
+        raise ValueError("model.lora under FSDP or DeepSpeed ZeRO-3 is not supported: use plain data parallel "
+                         "(accelerate launch --multi_gpu) or ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml)")
 
 
 def grad_norm_tensor(grad_norm, device) -> torch.Tensor:
