@@ -183,3 +183,19 @@ def test_the_process_group_timeout_is_the_configured_one(tmp_path, fast_model, s
     assert TrainConfig().ddp_timeout_minutes == 60
     run = setup(small_config(tmp_path, fast_model, session_cache_dir, "--train.ddp_timeout_minutes=90"))
     assert run.accelerator.init_handler.timeout == timedelta(minutes=90)
+
+
+def test_the_accelerate_floor_has_the_fsdp2_optimizer_resume_fix():
+    """Finding 11: accelerate before 1.15 loads an FSDP2 sharded optimizer state with `dist_cp.load` and no
+    planner, and a resume fails with "Missing key in checkpoint state_dict: optimizer.state.0.step"
+    (accelerate#3971); 1.15 passes `DefaultLoadPlanner` (and can load per rank). Both dependency lists require it,
+    and the installed one has it."""
+    import inspect
+    import re
+
+    from accelerate.utils import fsdp_utils
+
+    for name in ("pyproject.toml", "requirements.txt"):
+        (floor,) = re.findall(r'accelerate>=([\d.]+)', (PROJECT / name).read_text())
+        assert tuple(int(part) for part in floor.split(".")) >= (1, 15), name
+    assert "DefaultLoadPlanner" in inspect.getsource(fsdp_utils.load_fsdp_optimizer)
