@@ -33,18 +33,18 @@ from loop.eval.guard_sets import (
     evaluate_guard_sets,
     guard_figures,
 )
-from loop.eval.timestamps import evaluate_timestamps, timestamp_scalars
+from loop.eval.timestamps import evaluate_timestamps_in_step, timestamp_scalars
 from loop.files import write_json_atomic, write_text_atomic
 from loop.model.encoder_window import batch_features
 from loop.model.features import LogMel
-from loop.model.loading import load_for_inference, load_model
+from loop.model.loading import load_model
 from loop.model.lora import trainable_summary
 from loop.model.loss import IGNORE_INDEX, token_losses
 from loop.model.sharding import check_generation_supported, grad_norm_tensor
 from loop.optimizers import build_optimizer, get_lr_scheduler
 from loop.results import build_results, write_results
 from loop.run.accelerator import build_accelerator, resolve_mixed_precision
-from loop.run.best_model import best_dir, write_best_model
+from loop.run.best_model import best_dir, load_best_for_evaluation, write_best_model
 from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
@@ -302,11 +302,10 @@ def run_selection_eval(run: Run) -> EvalResult:
                               "guards": {name: guard_figures(guard.metrics) for name, guard in guard_results.items()}})
     log_evaluation(accelerator, state.step, result, improved, run.data.selection_split, config)
     log_guard_sets(accelerator, state, guard_results, config.eval.language_id_drop_warning)
-    if config.data.timestamp_fraction > 0 and accelerator.is_main_process:
-        # Timestamps too, when training keeps them (main process only: no collectives, the others go on).
-        scores = evaluate_timestamps(accelerator.unwrap_model(run.model), run.processor.tokenizer, run.data.selection,
-                                     run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
-                                     language=config.model.language)
+    if config.data.timestamp_fraction > 0:  # timestamps too, when training keeps them (every process: sharding)
+        scores = evaluate_timestamps_in_step(accelerator, run.model, run.processor.tokenizer, run.data.selection,
+                                             run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
+                                             language=config.model.language)
         accelerator.log(timestamp_scalars(scores), step=state.step)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
@@ -337,9 +336,7 @@ def finish(run: Run) -> dict:
     best_folder = best_dir(config.output_dir)
     by_window = {}
     for window in dict.fromkeys([config.model.encoder_window, "full"]):
-        best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation,
-                                     encoder_window=window)
-        best = accelerator.prepare_model(best, evaluation_mode=True)
+        best = load_best_for_evaluation(accelerator, config.output_dir, window, config.model.attn_implementation)
         by_window[window] = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer,
                                      run.data.test["text"], config.model.language, log_mel=run.log_mel,
                                      description=f"test ({window} window)").metrics

@@ -73,6 +73,17 @@ def generation_kwargs(accelerator) -> dict:
     return {"synced_gpus": True} if is_zero3(accelerator) and accelerator.num_processes > 1 else {}
 
 
+def any_process(flag: bool, device) -> bool:
+    """Whether `flag` is true on any process (an all-reduce when torch.distributed runs several; all call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 def full_state_dict(accelerator, model) -> dict:
     """The model's full weights on the main process (an empty dict or the full one elsewhere); all processes call."""
     if fsdp2_units(model):
