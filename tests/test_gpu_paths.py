@@ -199,3 +199,23 @@ def test_the_accelerate_floor_has_the_fsdp2_optimizer_resume_fix():
         (floor,) = re.findall(r'accelerate>=([\d.]+)', (PROJECT / name).read_text())
         assert tuple(int(part) for part in floor.split(".")) >= (1, 15), name
     assert "DefaultLoadPlanner" in inspect.getsource(fsdp_utils.load_fsdp_optimizer)
+
+
+def test_the_temperature_fallback_keeps_synced_generation_in_step(tmp_path, decoding_checkpoint):
+    """Finding 5 (ZeRO-3): with `generate(synced_gpus=True)` a process whose rows need no fallback must still sample
+    as often as one whose rows do, or that one waits in generation's all-reduce forever. 2 gloo processes, real
+    synced generation; rank 0's rows loop at every temperature."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(PROJECT / "tests" / "synced_worker.py"), str(decoding_checkpoint), str(tmp_path)]
+    done = subprocess.run(command, check=False, env=child_env(), capture_output=True, text=True, timeout=300,
+                          cwd=PROJECT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["samples"] == [[0, 1]] * 5 and not first["unchanged"]  # every temperature, both rows
+    assert second["samples"] == [[0]] * 5 and second["unchanged"]  # in step, its own ids kept
