@@ -35,7 +35,7 @@ from loop.eval.guard_sets import (
 )
 from loop.eval.timestamps import evaluate_timestamps_in_step, timestamp_scalars
 from loop.files import write_json_atomic, write_text_atomic
-from loop.model.encoder_window import batch_features
+from loop.model.encoder_window import batch_features, compile_encoder
 from loop.model.features import LogMel
 from loop.model.loading import load_model
 from loop.model.lora import trainable_summary
@@ -122,15 +122,11 @@ def setup(config: RunConfig) -> Run:
     attach_loaders(guards, config, model.config.decoder_start_token_id, accelerator)
     optimizer = build_optimizer(model, config.train)
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
-    if config.train.torch_compile:
-        # In place, on the encoder only: its input has the window's fixed shape (a few shapes with a dynamic
-        # window), while the decoder's length changes with every batch and every generated token (each new shape
-        # would compile again). Compiling in place keeps the module and its parameter names, so checkpoints and
-        # best/ load without compiling.
-        model.get_encoder().compile()  # get_encoder: a LoRA model (peft) has no .model.encoder
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
+    if config.train.torch_compile:
+        compile_encoder(accelerator.unwrap_model(model))  # in place, after wrapping
     check_generation_supported(accelerator, model)
     state = LoopState()
     if config.model.lora:  # checkpoints then hold the adapter, not the frozen base

@@ -219,3 +219,36 @@ def test_the_temperature_fallback_keeps_synced_generation_in_step(tmp_path, deco
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert first["samples"] == [[0, 1]] * 5 and not first["unchanged"]  # every temperature, both rows
     assert second["samples"] == [[0]] * 5 and second["unchanged"]  # in step, its own ids kept
+
+
+def test_the_encoder_compiles_once_per_mode_for_every_dynamic_window(decoding_checkpoint):
+    """Finding 10: at a dynamic window the encoder is compiled with dynamic shapes, so 4 window lengths x 2 batch
+    sizes x train/eval give one graph per mode and branch (short, full window): 4, where torch's default (static
+    first, then automatic dynamic shapes) compiled 7. A counting backend stands in for inductor (the CPU has
+    minutes, not hours); outputs equal the uncompiled encoder's."""
+    from loop.model.encoder_window import compile_encoder, full_window_frames
+    from loop.model.loading import load_for_inference
+
+    model, _ = load_for_inference(str(decoding_checkpoint), encoder_window="dynamic")
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    full = full_window_frames(model)
+    encoder = model.get_encoder()
+    inputs = [torch.randn(batch, model.config.num_mel_bins, frames - frames % 2, generator=torch.Generator().manual_seed(0))
+              for batch in (4, 3) for frames in (full // 5, full // 3, full // 2, full)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = [encoder(features).last_hidden_state for features in inputs]
+    compile_encoder(model, backend=counting)
+    torch._dynamo.reset()
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            outputs = [encoder(features).last_hidden_state for features in inputs]
+        if mode == "eval":
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, expected))
+    assert len(graphs) == 4

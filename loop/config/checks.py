@@ -159,8 +159,9 @@ def config_warnings(config: RunConfig) -> list[str]:
         )
     if t.torch_compile and config.model.encoder_window == "dynamic":
         warnings.append(
-            "train.torch_compile with model.encoder_window=dynamic: the encoder compiles again for every window length "
-            "(up to 30 at 1-s multiples); raise model.encoder_window_multiple_s for fewer"
+            "train.torch_compile with model.encoder_window=dynamic: the encoder is compiled with dynamic shapes (one "
+            "graph for every window length, per train/eval mode), whose kernels can be slower than a fixed window's; "
+            "compare samples/s with and without it (python benchmarks/gpu_probe.py)"
         )
     if config.data.timestamp_fraction > 0 and config.augment.speed_perturbation:
         warnings.append(

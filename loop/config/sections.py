@@ -220,7 +220,8 @@ class TrainConfig:
     max_consecutive_nonfinite: AtLeastOne = 10
     """Stop (after saving) when this many optimizer steps in a row have a non-finite loss."""
     torch_compile: bool = False
-    """Compile the encoder with `torch.compile` (its input has a fixed shape; the first step then takes minutes)."""
+    """Compile the encoder with `torch.compile`, after the model is wrapped (dynamic shapes with
+    `model.encoder_window: dynamic`); the first steps and the first evaluation then take minutes."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     """`tensorboard` or `none`."""
     push_to_hub: bool = False

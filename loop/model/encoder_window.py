@@ -156,3 +156,19 @@ def as_model_input(model, features: torch.Tensor) -> torch.Tensor:
     if dtype in (torch.float16, torch.bfloat16) and features.dtype != dtype:
         return features.to(dtype)
     return features
+
+
+def compile_encoder(model, backend: str | object = "inductor") -> None:
+    """Compiles the Whisper encoder of `model` in place with `torch.compile` (`train.torch_compile`): the module and
+    its parameter names stay, so checkpoints and best/ load without compiling. Call it after the model is wrapped
+    (DDP, FSDP2, DeepSpeed): compiling first would trace the unwrapped modules.
+
+    Only the encoder: its input has the window's shape, while the decoder's length changes with every batch and
+    every generated token. At the full window the shapes are fixed but for the batch size of a last batch, which
+    torch's automatic dynamic shapes absorb after one recompile; at a dynamic window the time axis changes with every
+    batch, so it is compiled with dynamic shapes from the start: one graph for every length (and one for the full
+    window's branch), per train/eval mode, instead of one per length until automatic dynamic shapes take over."""
+    config = getattr(model, "module", model).config
+    window, _ = saved_encoder_window(config)
+    encoder = getattr(model, "module", model).get_encoder()  # get_encoder: a LoRA model (peft) has no .model.encoder
+    encoder.compile(backend=backend, dynamic=True if window == "dynamic" else None)
