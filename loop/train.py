@@ -182,7 +182,7 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
         if last_step:
             break
-        if stop is not None and agreed_stop(accelerator, stop):
+        if stop is not None and agreed_stop(accelerator, stop, state.step):
             return stop_and_save(run, stop.signal_name or "SIGTERM", resumed_at)
         if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)

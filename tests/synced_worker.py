@@ -1,5 +1,6 @@
 """Run by tests/test_gpu_paths.py under torchrun, 2 CPU processes (gloo): the temperature fallback with
-`generate(synced_gpus=True)`, as ZeRO-3's evaluation decodes, when only rank 0 has rows whose text loops.
+`generate(synced_gpus=True)`, as ZeRO-3's evaluation decodes, when only rank 0 has rows whose text loops; and
+a stop signalled on one process only, agreed every `STOP_CHECK_STEPS` steps.
 
 Under synced_gpus every process must call `generate` as often as the others: each generation step all-reduces
 a "finished" flag. The texts are the stand-in here (rank 0's always loop, rank 1's never do); the generation is
@@ -23,6 +24,7 @@ from loop.model.encoder_window import full_window_frames
 from loop.model.loading import load_for_inference
 from loop.model.sharding import any_process
 from loop.run.accelerator import build_accelerator
+from loop.run.stopping import STOP_CHECK_STEPS, StopRequested, agreed_stop
 
 
 def main(model_dir: str, output_dir: str) -> None:
@@ -44,7 +46,11 @@ def main(model_dir: str, output_dir: str) -> None:
     token_ids = generate_ids(model, features, synced_gpus=True)
     fixed = temperature_fallback(token_ids, decode_texts, sample, settings,
                                  lambda flag: any_process(flag, token_ids.device))
-    result = {"samples": samples, "unchanged": torch.equal(fixed, token_ids)}
+    # A SIGTERM on rank 1 only: both processes see it at the same step, the next multiple of STOP_CHECK_STEPS.
+    stop = StopRequested()
+    stop.signal_name = "SIGTERM" if rank == 1 else ""
+    stops = [step for step in range(1, 2 * STOP_CHECK_STEPS + 1) if agreed_stop(accelerator, stop, step)]
+    result = {"samples": samples, "unchanged": torch.equal(fixed, token_ids), "stops": stops}
     Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
     accelerator.end_training()

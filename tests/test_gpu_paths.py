@@ -201,7 +201,7 @@ def test_the_accelerate_floor_has_the_fsdp2_optimizer_resume_fix():
     assert "DefaultLoadPlanner" in inspect.getsource(fsdp_utils.load_fsdp_optimizer)
 
 
-def test_the_temperature_fallback_keeps_synced_generation_in_step(tmp_path, decoding_checkpoint):
+def test_synced_generation_and_stops_stay_in_step_on_two_processes(tmp_path, decoding_checkpoint):
     """Finding 5 (ZeRO-3): with `generate(synced_gpus=True)` a process whose rows need no fallback must still sample
     as often as one whose rows do, or that one waits in generation's all-reduce forever. 2 gloo processes, real
     synced generation; rank 0's rows loop at every temperature."""
@@ -219,6 +219,8 @@ def test_the_temperature_fallback_keeps_synced_generation_in_step(tmp_path, deco
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert first["samples"] == [[0, 1]] * 5 and not first["unchanged"]  # every temperature, both rows
     assert second["samples"] == [[0]] * 5 and second["unchanged"]  # in step, its own ids kept
+    # Finding 9: a stop signalled on rank 1 is agreed by both at the same step, every 10 steps (not every step)
+    assert first["stops"] == second["stops"] == [10, 20]
 
 
 def test_the_encoder_compiles_once_per_mode_for_every_dynamic_window(decoding_checkpoint):

@@ -44,7 +44,8 @@ def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int 
         ),
         # The schedule runs over optimizer steps; by default a prepared scheduler steps once per process.
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Batches come from pinned memory (the loaders pin on CUDA), so their copy to the GPU need not block.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         log_with=log_with,
         project_dir=project_dir,
     )
