@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_wheels.sh .whl                                     # where pip reaches PyPI
     python benchmarks/gpu_probe.py --wheels .whl --output probe.json        # on the GPU machine, < 8 min on an H100
-    python benchmarks/gpu_probe.py --dry-run --output /tmp/probe.json      # the same code on a CPU, tiny shapes
+    python benchmarks/gpu_probe.py --dry-run --output probe-dry.json      # the same code on a CPU, tiny shapes
 
 On a machine with a CUDA torch and no package registry it first installs, from the `--wheels` folder, each package
 the machine lacks or has older (`pip install --no-index --no-deps --target`, never torch, triton or NVIDIA's
@@ -11,12 +11,14 @@ real vocabulary (51,865) and clips of Common Voice Hindi's durations (5 s mean),
 (benchmarks/probe_parts.py), each printed as one JSON line when done, all of them in `--output` at the end:
 
 - `gemm`: the measured bf16 peak of an 8k matrix product, what MFU divides by;
-- `speed`: the recipe's fp16 8 x 2 and bf16, each at the full and at the dynamic window: samples/s, MFU, peak
-  memory, the data-wait share of a step; with fp16 also evaluation utterances/s, checkpoint and best/ save seconds;
+- `speed_*`: the recipe's fp16 8 x 2 and bf16, each at the full and at the dynamic window, with the presets' 4
+  DataLoader workers: samples/s, MFU, peak memory, the data-wait share of a step; with fp16 also evaluation
+  utterances/s, checkpoint and best/ save seconds; and fp16 at the dynamic window with 0 workers (the default);
 - `nonfinite`: an fp16 run with a forced gradient overflow and a NaN loss: both skipped, the schedule held;
 - `resume`: 2 + 2 steps with a stop and `--train.resume=true` against 4 straight (`train.deterministic`);
 - `lora`, `qlora`: one step each through `fit()`, the adapter checkpoint loaded back, best/ merged;
-- `compile`: `train.torch_compile` on, at the full window: first steps' seconds and samples/s (off: `speed`);
+- `compile` (last, GPU only): `train.torch_compile` on at the full window: warm-up seconds (compiling) and
+  samples/s, against `speed_fp16_full`;
 - `fsdp`: accelerate_configs/fsdp.yaml on one GPU through a save and `finish()`;
 - `projection`: the recipe's 4000 x 16 in minutes, evaluations, saves and the final test included, for
   whisper-small-hi (full window) and whisper-small-hi-fast (dynamic).
@@ -142,13 +144,18 @@ def run_probe(dry_run: bool, root: Path, budget_s: float) -> dict:
     def config(name, precision, *overrides):
         return parts.probe_config(shape, root, name, precision, *overrides)
 
+    workers = 4 if gpu else 2  # the presets' DataLoader workers; the CPU has 2 cores
     speed = {}
     for precision in (fp16, "bf16"):
         for window in ("full", "dynamic"):
             label = f"{'fp16' if precision == fp16 else precision}_{window}"
             speed[label] = probe.part(f"speed_{label}", parts.time_training,
-                                      config(label, precision, f"--model.encoder_window={window}"), peak_tflops, steps,
-                                      evaluate_too=precision == fp16)
+                                      config(label, precision, f"--model.encoder_window={window}",
+                                             f"--train.dataloader_num_workers={workers}"),
+                                      peak_tflops, steps, evaluate_too=precision == fp16)
+    # The default, 0 workers, at the dynamic window (the shortest steps, where loading shows most)
+    probe.part("speed_fp16_dynamic_no_workers", parts.time_training,
+               config("no-workers", fp16, "--model.encoder_window=dynamic"), peak_tflops, steps)
     probe.part("nonfinite", parts.nonfinite_steps,
                config("nonfinite", fp16, "--train.gradient_accumulation_steps=1"))
     probe.part("lora", parts.lora_round_trip, config("lora", fp16, *one_step("--model.lora=true")))
@@ -159,19 +166,18 @@ def run_probe(dry_run: bool, root: Path, budget_s: float) -> dict:
     else:
         probe.part("qlora", parts.lora_round_trip,
                    config("qlora", "bf16", *one_step("--model.lora=true", "--model.quantization=4bit")))
-    if gpu:  # inductor on a CPU builds C++ for minutes: the dry run leaves compiling out
-        probe.part("compile", parts.time_training,
-                   config("compile", fp16, "--model.encoder_window=full", "--train.torch_compile=true"), peak_tflops,
-                   steps)
     launch = (["-m", "accelerate.commands.launch", "--config_file", str(PROJECT / "accelerate_configs" / "fsdp.yaml"),
                "--num_processes=1", "--mixed_precision=bf16"] if gpu else [])
     probe.part("fsdp", parts.fsdp_one_process,
                config("fsdp", "bf16", "--train.max_steps=4", "--train.save_steps=2", "--eval.eval_steps=4",
                       "--data.max_eval_samples=8", "--train.logging_steps=1"), launch, 300)
-    # Last: train.deterministic switches torch to deterministic kernels for the rest of the process.
     probe.part("resume", parts.resume_matches,
                lambda name: config(f"resume-{name}", fp16, "--train.max_steps=4", "--train.save_steps=2",
                                    "--eval.eval_steps=4", "--data.max_eval_samples=8", "--train.deterministic=true"))
+    if gpu:  # last, the longest (minutes of compiling); on a CPU inductor builds C++ for longer: left out there
+        probe.part("compile", parts.time_training,
+                   config("compile", fp16, "--model.encoder_window=full", f"--train.dataloader_num_workers={workers}",
+                          "--train.torch_compile=true"), peak_tflops, steps)
     probe.figures["projection"] = {
         recipe: parts.projected_minutes(speed[label], windows_at_the_end=windows)
         for recipe, label, windows in (("whisper-small-hi", "fp16_full", 1), ("whisper-small-hi-fast", "fp16_dynamic", 2))
