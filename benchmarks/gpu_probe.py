@@ -126,6 +126,7 @@ def run_probe(dry_run: bool, root: Path, budget_s: float) -> dict:
     import torch
 
     from benchmarks import probe_parts as parts
+    from benchmarks.estimates import projected_minutes
     from loop.config.checks import bitsandbytes_problem
 
     gpu = torch.cuda.is_available() and not dry_run
@@ -179,7 +180,7 @@ def run_probe(dry_run: bool, root: Path, budget_s: float) -> dict:
                    config("compile", fp16, "--model.encoder_window=full", f"--train.dataloader_num_workers={workers}",
                           "--train.torch_compile=true"), peak_tflops, steps)
     probe.figures["projection"] = {
-        recipe: parts.projected_minutes(speed[label], windows_at_the_end=windows)
+        recipe: projected_minutes(speed[label], windows_at_the_end=windows)
         for recipe, label, windows in (("whisper-small-hi", "fp16_full", 1), ("whisper-small-hi-fast", "fp16_dynamic", 2))
         if "samples_per_s" in speed.get(label, {}) and "eval_utterances_per_s" in speed[label]
     }

@@ -69,8 +69,7 @@ SHAPES = {
 
 
 def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
 
 
 def gemm_peak_tflops(size: int, repeats: int = 10) -> dict:
@@ -159,11 +158,11 @@ def probe_config(shape: ProbeShape, root: Path, name: str, precision: str, *over
     ], str(root / "runs" / name))
 
 
-def release(run=None) -> None:
-    """Frees a run's memory and Accelerate's state before the next run (each builds its own Accelerator)."""
+def release() -> None:
+    """Frees what the last run left (the caller dropped it first) and Accelerate's state (each run builds its own
+    Accelerator), and starts the peak memory count afresh."""
     from accelerate.state import AcceleratorState, GradientState
 
-    del run
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     gc.collect()
@@ -218,6 +217,7 @@ def time_training(config, peak_tflops: float, steps: tuple[int, int], *, evaluat
     from loop.train import endless_batches, optimizer_step, setup
 
     shape_steps = steps  # (warm-up, timed)
+    release()
     started = time.perf_counter()
     run = setup(config)
     setup_s = time.perf_counter() - started
@@ -263,7 +263,8 @@ def time_training(config, peak_tflops: float, steps: tuple[int, int], *, evaluat
         started = time.perf_counter()
         write_best_model(run.accelerator, run.model, run.processor, config.output_dir)
         figures["best_save_s"] = time.perf_counter() - started
-    release(run)
+    del run, batches, recorded  # the batch generator holds the run too
+    release()
     return figures
 
 
@@ -308,7 +309,8 @@ def nonfinite_steps(config) -> dict:
     halvings = None if scaler is None else round(math.log2(figures["scale_before"] / figures["scale_after"]))
     figures["passed"] = (skipped >= 2 and figures["scheduler_steps"] == 6 - skipped and halvings in (None, skipped)
                          and math.isnan(losses[3]) and figures["weights_finite"] and math.isfinite(losses[-1]))
-    release(run)
+    del run, batches, scaler  # the batch generator holds the run too
+    release()
     return figures
 
 
@@ -334,17 +336,20 @@ def resume_matches(make_config) -> dict:
     run = setup(make_config("straight"))
     fit(run)
     straight = weights(run)
-    release(run)
+    del run
+    release()
     run = setup(make_config("resumed"))
     stopped = fit(run, StopAt(run, 2))
-    release(run)
+    del run
+    release()
     config = make_config("resumed")
     config.train.resume = True
     run = setup(config)
     resumed_from = run.state.step
     fit(run)
     resumed = weights(run)
-    release(run)
+    del run
+    release()
     torch.use_deterministic_algorithms(False)  # train.deterministic is for the rest of a process: the probe goes on
     difference = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
     return {"stopped": stopped, "resumed_from": resumed_from, "max_weight_difference": difference,
@@ -363,12 +368,14 @@ def lora_round_trip(config) -> dict:
     run = setup(config)
     fit(run)
     saved = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(run.model).items()}
-    release(run)
+    del run
+    release()
     config.train.resume = True
     run = setup(config)
     loaded = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(run.model).items()}
     equal = run.state.step == 1 and saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
-    release(run)
+    del run
+    release()
     best, _ = load_for_inference(str(Path(config.output_dir) / "best"))
     return {"adapter_round_trip_equal": equal, "best_loads": type(best).__name__,
             "seconds": time.perf_counter() - started, "passed": bool(equal)}
@@ -401,19 +408,3 @@ def fsdp_one_process(config, launch: list[str], timeout_s: float) -> dict:
                    best_exists=(Path(config.output_dir) / "best" / "model.safetensors").is_file())
     figures["passed"] = figures["best_exists"] and bool(written.get("test_utterances"))
     return figures
-
-
-def projected_minutes(speed: dict, *, steps: int = 4000, batch: int = 16, eval_steps: int = 1000,
-                      save_steps: int = 1000, selection: int = 300, test: int = 2894, eval_on_start: bool = True,
-                      windows_at_the_end: int = 2) -> dict:
-    """The recipe's run time from measured rates: `steps` x `batch` samples at `samples_per_s`; an evaluation of
-    `selection` utterances every `eval_steps` (and at the start), a checkpoint every `save_steps` and a best/ write
-    with each evaluation (at most); at the end `finish()` decodes the `test` split (Common Voice 11 Hindi's, the
-    blog's, 2,894) at `windows_at_the_end` windows (a dynamic-window run: its own and the full one)."""
-    evaluations = steps // eval_steps + int(eval_on_start)
-    train = steps * batch / speed["samples_per_s"]
-    evaluation = evaluations * selection / speed["eval_utterances_per_s"]
-    saves = (steps // save_steps) * speed["checkpoint_save_s"] + evaluations * speed["best_save_s"]
-    final = windows_at_the_end * test / speed["eval_utterances_per_s"]
-    return {"train_min": train / 60, "evaluation_min": evaluation / 60, "saves_min": saves / 60,
-            "final_test_min": final / 60, "total_min": (train + evaluation + saves + final) / 60}
