@@ -124,3 +124,19 @@ def whisper_small_hi_memory(label_tokens: int = 128) -> dict:
         "states_gb": preset_gb["weights_fp32"] + preset_gb["gradients_fp32"] + preset_gb["adamw_moments_fp32"],
         "reference_recipe_gb": REFERENCE_MEMORY_GB,
     }
+
+
+def projected_minutes(speed: dict, *, steps: int = 4000, batch: int = 16, eval_steps: int = 1000,
+                      save_steps: int = 1000, selection: int = 300, test: int = 2894, eval_on_start: bool = True,
+                      windows_at_the_end: int = 2) -> dict:
+    """The recipe's run time from measured rates: `steps` x `batch` samples at `samples_per_s`; an evaluation of
+    `selection` utterances every `eval_steps` (and at the start), a checkpoint every `save_steps` and a best/ write
+    with each evaluation (at most); at the end `finish()` decodes the `test` split (Common Voice 11 Hindi's, the
+    blog's, 2,894) at `windows_at_the_end` windows (a dynamic-window run: its own and the full one)."""
+    evaluations = steps // eval_steps + int(eval_on_start)
+    train = steps * batch / speed["samples_per_s"]
+    evaluation = evaluations * selection / speed["eval_utterances_per_s"]
+    saves = (steps // save_steps) * speed["checkpoint_save_s"] + evaluations * speed["best_save_s"]
+    final = windows_at_the_end * test / speed["eval_utterances_per_s"]
+    return {"train_min": train / 60, "evaluation_min": evaluation / 60, "saves_min": saves / 60,
+            "final_test_min": final / 60, "total_min": (train + evaluation + saves + final) / 60}

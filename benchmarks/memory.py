@@ -239,7 +239,7 @@ def calibrate(shapes=("tiny", "base"), batch_size: int = 2, label_tokens: int = 
                 before = resident_mb() - optimizer_mb(optimizer)
                 peak = MemoryPeak().__enter__()
             logits = model(input_features=features, decoder_input_ids=labels).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())  # the loop's layout
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

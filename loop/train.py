@@ -33,25 +33,26 @@ from loop.eval.guard_sets import (
     evaluate_guard_sets,
     guard_figures,
 )
-from loop.eval.timestamps import evaluate_timestamps, timestamp_scalars
+from loop.eval.timestamps import evaluate_timestamps_in_step, timestamp_scalars
 from loop.files import write_json_atomic, write_text_atomic
 from loop.model.distillation import Distillation, build_distillation, training_token_losses
-from loop.model.encoder_window import batch_features
+from loop.model.encoder_window import batch_features, compile_encoder
 from loop.model.features import LogMel
-from loop.model.loading import load_for_inference, load_model
+from loop.model.loading import load_model
 from loop.model.lora import trainable_summary
 from loop.model.loss import IGNORE_INDEX
 from loop.model.sharding import check_generation_supported, grad_norm_tensor
 from loop.optimizers import build_optimizer, get_lr_scheduler
 from loop.results import build_results, write_results
 from loop.run.accelerator import build_accelerator, resolve_mixed_precision
-from loop.run.best_model import best_dir, write_best_model
+from loop.run.best_model import best_dir, load_best_for_evaluation, write_best_model
 from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.run.determinism import make_deterministic
 from loop.run.disk_space import warn_if_short_of_space
 from loop.run.ema import EMA, build_ema, ema_weights, update_ema
 from loop.run.lock import release
 from loop.run.output_dir import prepare_output_dir
+from loop.run.precision import apply_update
 from loop.run.stopping import StopRequested, agreed_stop
 from loop.run.trackers import build_trackers, report_results, start_trackers
 from loop.ship.model_card import push_to_hub, write_model_card
@@ -107,6 +108,7 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=build_trackers(config, trackers),
         project_dir=config.output_dir,
+        timeout_minutes=config.train.ddp_timeout_minutes,
     )
     set_seed(config.train.seed)
     if deterministic:
@@ -129,15 +131,11 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
     attach_loaders(guards, config, model.config.decoder_start_token_id, accelerator)
     optimizer = build_optimizer(model, config.train)
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
-    if config.train.torch_compile:
-        # In place, on the encoder only: its input has the window's fixed shape (a few shapes with a dynamic
-        # window), while the decoder's length changes with every batch and every generated token (each new shape
-        # would compile again). Compiling in place keeps the module and its parameter names, so checkpoints and
-        # best/ load without compiling.
-        model.get_encoder().compile()  # get_encoder: a LoRA model (peft) has no .model.encoder
     model, optimizer, scheduler, train_loader, selection_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, selection_loader, test_loader
     )
+    if config.train.torch_compile:
+        compile_encoder(accelerator.unwrap_model(model))  # in place, after wrapping
     check_generation_supported(accelerator, model)
     state = LoopState()
     ema = build_ema(accelerator, model, config.train)  # before the checkpoint is loaded: its hook restores the average
@@ -194,7 +192,7 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
         if last_step:
             break
-        if stop is not None and agreed_stop(accelerator, stop):
+        if stop is not None and agreed_stop(accelerator, stop, state.step):
             return stop_and_save(run, stop.signal_name or "SIGTERM", resumed_at)
         if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
             save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
@@ -273,13 +271,7 @@ def optimizer_step(run: Run, batches) -> StepFigures:
     # sync_gradients is now True: the last micro-batch all-reduced the gradients.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm_tensor(grad_norm, accelerator.device)  # DeepSpeed hands back a float
-    finite = torch.isfinite(accelerator.reduce(loss_sum.clone(), reduction="sum"))
-    if accelerator.mixed_precision != "fp16":  # fp16's scaler skips overflowing gradients itself
-        finite &= torch.isfinite(grad_norm)
-    if finite.item():  # one sync per step: every process must agree on skipping
-        run.optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            run.scheduler.step()
+    if apply_update(accelerator, run.optimizer, run.scheduler, loss_sum, grad_norm):  # fp16: the scaler decides
         run.state.consecutive_nonfinite = 0
     else:
         run.state.nonfinite_steps += 1
@@ -317,11 +309,10 @@ def run_selection_eval(run: Run) -> EvalResult:
                               "guards": {name: guard_figures(guard.metrics) for name, guard in guard_results.items()}})
     log_evaluation(accelerator, state.step, result, improved, run.data.selection_split, config)
     log_guard_sets(accelerator, state, guard_results, config.eval.language_id_drop_warning)
-    if config.data.timestamp_fraction > 0 and accelerator.is_main_process:
-        # Timestamps too, when training keeps them (main process only: no collectives, the others go on).
-        scores = evaluate_timestamps(accelerator.unwrap_model(run.model), run.processor.tokenizer, run.data.selection,
-                                     run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
-                                     language=config.model.language)
+    if config.data.timestamp_fraction > 0:  # timestamps too, when training keeps them (every process: sharding)
+        scores = evaluate_timestamps_in_step(accelerator, run.model, run.processor.tokenizer, run.data.selection,
+                                             run.log_mel, batch_size=config.eval.per_device_eval_batch_size,
+                                             language=config.model.language)
         accelerator.log(timestamp_scalars(scores), step=state.step)
     if accelerator.is_main_process:  # the latest hypotheses, for a look at what the model says now
         ids = run.data.selection["id"]
@@ -352,9 +343,7 @@ def finish(run: Run) -> dict:
     best_folder = best_dir(config.output_dir)
     by_window = {}
     for window in dict.fromkeys([config.model.encoder_window, "full"]):
-        best, _ = load_for_inference(str(best_folder), attn_implementation=config.model.attn_implementation,
-                                     encoder_window=window)
-        best = accelerator.prepare_model(best, evaluation_mode=True)
+        best = load_best_for_evaluation(accelerator, config.output_dir, window, config.model.attn_implementation)
         by_window[window] = evaluate(best, run.test_loader, accelerator, run.processor.tokenizer,
                                      run.data.test["text"], config.model.language, log_mel=run.log_mel,
                                      description=f"test ({window} window)").metrics

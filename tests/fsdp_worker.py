@@ -21,12 +21,14 @@ from loop.config.loading import load_config
 from loop.data.loaders import eval_dataloader
 from loop.data.splits import build_eval_split
 from loop.eval.evaluation import evaluate
+from loop.eval.timestamps import evaluate_timestamps, evaluate_timestamps_in_step
 from loop.model.features import LogMel
 from loop.model.loading import load_for_inference, load_model
 from loop.model.loss import token_losses
 from loop.model.sharding import fsdp2_units, full_parameters
 from loop.run.accelerator import build_accelerator
-from loop.run.best_model import write_best_model
+from loop.run.best_model import load_best_for_evaluation, write_best_model
+from loop.run.disk_space import weights_bytes
 
 
 def main(model_dir: str, corpus_dir: str, cache_dir: str, output_dir: str) -> None:
@@ -42,14 +44,20 @@ def main(model_dir: str, corpus_dir: str, cache_dir: str, output_dir: str) -> No
     log_mel = LogMel(processor.feature_extractor)
     args = (loader, accelerator, processor.tokenizer, table["text"], config.model.language)
     plain = evaluate(model, *args, log_mel=log_mel)
+    plain_timestamps = evaluate_timestamps(model, processor.tokenizer, table, log_mel, batch_size=2)
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    plain_bytes = weights_bytes(model)
 
     mesh = init_device_mesh("cpu", (accelerator.num_processes,))
     for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    sharded_bytes = weights_bytes(model)  # every parameter a DTensor now
     # First call after sharding: the evaluation, before any training forward (as with eval.eval_on_start).
     sharded = evaluate(model, *args, log_mel=log_mel)
+    # The loop's timestamp evaluation of the sharded model, on both processes (rank 0 alone would wait forever).
+    sharded_timestamps = evaluate_timestamps_in_step(accelerator, model, processor.tokenizer, table, log_mel,
+                                                     batch_size=2)
     resharded = all(isinstance(p, DTensor) for p in model.parameters())
     with full_parameters(model):
         whole = not any(isinstance(p, DTensor) for p in model.parameters())
@@ -63,6 +71,9 @@ def main(model_dir: str, corpus_dir: str, cache_dir: str, output_dir: str) -> No
     token_losses(model, batch).sum().backward()
     optimizer.step()
     after_step = evaluate(model, *args, log_mel=log_mel)
+    # finish()'s evaluation of best/: an ordinary model on this process' device, beside the sharded one.
+    best_model = load_best_for_evaluation(accelerator, output_dir, "full")
+    from_best = evaluate(best_model, *args, log_mel=log_mel)
     if accelerator.is_main_process:
         best, _ = load_for_inference(f"{output_dir}/best")
         saved = best.state_dict()
@@ -73,6 +84,9 @@ def main(model_dir: str, corpus_dir: str, cache_dir: str, output_dir: str) -> No
             "plain_loss": plain.metrics["loss"], "sharded_loss": sharded.metrics["loss"],
             "resharded_after_eval": resharded, "whole_inside": whole, "best_equals_weights": same_weights,
             "after_step_utterances": after_step.metrics["num_utterances"],
+            "best_predictions": from_best.predictions, "best_failed": from_best.metrics["num_failed"],
+            "plain_bytes": plain_bytes, "sharded_bytes": sharded_bytes,
+            "plain_timestamps": plain_timestamps, "sharded_timestamps": sharded_timestamps,
             "architectures": json.loads(Path(output_dir, "best", "config.json").read_text())["architectures"],
         }
         Path(output_dir, "fsdp_results.json").write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")

@@ -92,6 +92,12 @@ def test_fsdp2_evaluation_and_best_on_two_cpu_processes(tmp_path, decoding_check
     assert results["resharded_after_eval"] and results["whole_inside"] and results["best_equals_weights"]
     assert results["architectures"] == ["WhisperForConditionalGeneration"]
     assert results["after_step_utterances"] == 6
+    # finish()'s evaluation of best/ beside the sharded model: every test utterance, the unsharded hypotheses
+    assert results["best_failed"] == 0 and results["best_predictions"] == results["plain"]
+    # The disk estimate counts a sharded model whole (FSDP2's DTensors all have data_ptr() 0)
+    assert results["sharded_bytes"] == results["plain_bytes"] > 0
+    # The timestamp evaluation ran on both processes, sharded, with the unsharded model's figures
+    assert results["sharded_timestamps"] == results["plain_timestamps"] and results["plain_timestamps"]
 
 
 def test_the_slurm_example_is_valid_bash():

@@ -6,6 +6,8 @@ the settings that depend on each other (`validate`); and the settings allowed bu
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -68,7 +70,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.resume and train.overwrite_output_dir contradict each other: choose one")
     if t.push_to_hub and not t.hub_model_id:
         problems.append("train.hub_model_id is required with train.push_to_hub (e.g. me/whisper-small-hi)")
-    problems += lora_problems(config) + tracker_problems(t.report_to)
+    problems += lora_problems(config) + tracker_problems(t.report_to) + engine_problems(config, os.environ)
     if t.distill_from:
         problems += _model_path_problems(t.distill_from, "train.distill_from")
         if t.distill_alpha_ce == 0 and t.distill_alpha_kl == 0:
@@ -165,8 +167,9 @@ def config_warnings(config: RunConfig) -> list[str]:
         )
     if t.torch_compile and config.model.encoder_window == "dynamic":
         warnings.append(
-            "train.torch_compile with model.encoder_window=dynamic: the encoder compiles again for every window length "
-            "(up to 30 at 1-s multiples); raise model.encoder_window_multiple_s for fewer"
+            "train.torch_compile with model.encoder_window=dynamic: the encoder is compiled with dynamic shapes (one "
+            "graph for every window length, per train/eval mode), whose kernels can be slower than a fixed window's; "
+            "compare samples/s with and without it (python benchmarks/gpu_probe.py)"
         )
     if config.data.timestamp_fraction > 0 and config.augment.speed_perturbation:
         warnings.append(
@@ -225,6 +228,35 @@ def lora_problems(config) -> list[str]:
     if t.optimizer == "adamw_8bit":
         problems += [p for p in [bitsandbytes_problem("train.optimizer", t.optimizer)] if p]
     return problems
+
+
+def sharding_engine(environ) -> str:
+    """The engine `accelerate launch` set up that shards parameters across processes, read from the environment it
+    gives them (`ACCELERATE_USE_FSDP`; `ACCELERATE_USE_DEEPSPEED` with ZeRO stage 3, from
+    `ACCELERATE_DEEPSPEED_ZERO_STAGE` or the DeepSpeed JSON file it names); "" for none."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return ""
+    stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    settings_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not stage and settings_file and resolve_path(settings_file).is_file():
+        try:
+            stage = str(json.loads(resolve_path(settings_file).read_text()).get("zero_optimization", {}).get("stage", ""))
+        except (OSError, ValueError):  # DeepSpeed reports its own file's errors, with more to say
+            stage = ""
+    return "DeepSpeed ZeRO-3" if stage == "3" else ""
+
+
+def engine_problems(config, environ) -> list[str]:
+    """LoRA under an engine that shards parameters: the adapter checkpoints and the merge into best/ read whole
+    parameters on the main process, which FSDP and ZeRO-3 hold in pieces across the processes."""
+    engine = sharding_engine(environ)
+    if not (config.model.lora and engine):
+        return []
+    return [f"model.lora under {engine} is not supported (the adapters are saved and merged into best/ from whole "
+            "parameters, which it shards): with LoRA the base is frozen and the adapters small, so plain data "
+            "parallel holds it (accelerate launch --multi_gpu), or ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml)"]
 
 
 def lora_warnings(config) -> list[str]:

@@ -207,6 +207,9 @@ class TrainConfig:
     padding, and a short window for every row with `model.encoder_window: dynamic`."""
     dataloader_num_workers: NotNegative = 0
     """DataLoader worker processes."""
+    ddp_timeout_minutes: Annotated[float, Range(low=1)] = 60.0
+    """Minutes a process waits in a collective (a barrier, an all-reduce) before the run fails; NCCL's own default,
+    10, is shorter than preparing an uncached corpus or hashing a large checkpoint on the main process."""
     resume: Annotated[bool | str, Pattern(r"step_\d+", "true, false or step_N")] = False
     """`true`: continue from the newest checkpoint in `output_dir` that passes verification (its files' SHA-256);
     `step_N`: from `checkpoints/step_N`."""
@@ -218,7 +221,8 @@ class TrainConfig:
     max_consecutive_nonfinite: AtLeastOne = 10
     """Stop (after saving) when this many optimizer steps in a row have a non-finite loss."""
     torch_compile: bool = False
-    """Compile the encoder with `torch.compile` (its input has a fixed shape; the first step then takes minutes)."""
+    """Compile the encoder with `torch.compile`, after the model is wrapped (dynamic shapes with
+    `model.encoder_window: dynamic`); the first steps and the first evaluation then take minutes."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers, comma-separated, any of tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
     trackio, swanlab (Accelerate's), or `none`: each gets the same scalars, the config and the evaluation examples."""

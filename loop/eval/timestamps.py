@@ -30,6 +30,7 @@ from loop.data.audio import SAMPLE_RATE, dequantize
 from loop.data.timestamp_labels import RESOLUTION_S, TimestampTokens, quantize_down, quantize_up
 from loop.eval.metrics import compute_metrics
 from loop.model.encoder_window import batch_features, generation_inputs
+from loop.model.sharding import full_parameters, generation_kwargs
 
 RANGE_SLACK_S = 0.2  # a predicted time may pass the row's audio by this much (ten steps) and still be in range
 PROBLEMS = ("no_timestamps", "unpaired", "out_of_range", "not_increasing")
@@ -158,9 +159,11 @@ def join_clips(clips: list[TimestampRow]) -> TimestampRow:
 
 
 @torch.no_grad()
-def decode_with_timestamps(model, log_mel, rows: list[TimestampRow], batch_size: int, max_length: int) -> list[list[int]]:
+def decode_with_timestamps(model, log_mel, rows: list[TimestampRow], batch_size: int, max_length: int,
+                           **engine_kwargs) -> list[list[int]]:
     """Generated ids per row with `return_timestamps=True`, greedy, language and task from the model's generation
-    config, at the window the model's config records; `max_length` tokens at most, prompt included."""
+    config, at the window the model's config records; `max_length` tokens at most, prompt included.
+    `engine_kwargs`: `loop.model.sharding.generation_kwargs`."""
     settings = model.generation_config
     device = next(model.parameters()).device
     outputs: list[list[int]] = []
@@ -171,14 +174,15 @@ def decode_with_timestamps(model, log_mel, rows: list[TimestampRow], batch_size:
             audio[i, : len(row.audio)] = torch.from_numpy(row.audio)
         features = batch_features(model, log_mel, audio.to(device))
         generated = model.generate(**generation_inputs(model, features), language=settings.language,
-                                   task=settings.task, return_timestamps=True, num_beams=1, max_length=max_length)
+                                   task=settings.task, return_timestamps=True, num_beams=1, max_length=max_length,
+                                   **engine_kwargs)
         sequences = generated["sequences"] if isinstance(generated, dict) else generated
         outputs += sequences.cpu().tolist()
     return outputs
 
 
 def evaluate_timestamps(model, tokenizer, table, log_mel, *, batch_size: int = 16, utterances_per_row: int = 3,
-                        language: str | None = None) -> dict:
+                        language: str | None = None, engine_kwargs: dict | None = None) -> dict:
     """Timestamp decoding of `table`'s clips, one by one (`single`) and packed `utterances_per_row` to a row
     (`packed`, none when 1): per set `score_timestamps`' figures plus the WER and CER of the text decoded with
     timestamps. `model` is an unwrapped Whisper in eval mode, `log_mel` its features on the model's device."""
@@ -196,7 +200,7 @@ def evaluate_timestamps(model, tokenizer, table, log_mel, *, batch_size: int = 1
             continue
         # A packed row holds per_row utterances: room for all of them, within the decoder's positions.
         max_length = min(base_length * per_row, model.config.max_target_positions)
-        ids = decode_with_timestamps(model, log_mel, rows, batch_size, max_length)
+        ids = decode_with_timestamps(model, log_mel, rows, batch_size, max_length, **(engine_kwargs or {}))
         parsed = [parse_timestamps(row_ids, tokens, tokenizer.eos_token_id, row.duration)
                   for row_ids, row in zip(ids, rows)]
         scores = score_timestamps(parsed, [row.segments for row in rows])
@@ -206,6 +210,16 @@ def evaluate_timestamps(model, tokenizer, table, log_mel, *, batch_size: int = 1
     if was_training:
         model.train()
     return results
+
+
+def evaluate_timestamps_in_step(accelerator, model, tokenizer, table, log_mel, **options) -> dict:
+    """`evaluate_timestamps` of the training model (prepared, maybe sharded) on every process at once: each decodes
+    the same rows, the model gathered whole under FSDP2 (`full_parameters`) and in lockstep under ZeRO-3
+    (`synced_gpus`). A forward on the main process alone would wait forever in the all-gathers of a sharded
+    model's hooks. All processes must call it; all return the same figures."""
+    with full_parameters(model):
+        return evaluate_timestamps(accelerator.unwrap_model(model), tokenizer, table, log_mel,
+                                   engine_kwargs=generation_kwargs(accelerator), **options)
 
 
 def timestamp_scalars(results: dict) -> dict:

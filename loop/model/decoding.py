@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from loop.model.decoding_options import generation_options, temperature_fallback
 from loop.model.encoder_window import generation_inputs
+from loop.model.sharding import any_process
 
 
 @torch.no_grad()
@@ -47,8 +48,9 @@ def decode_ids(model, input_features: torch.Tensor, tokenizer, encoder_outputs=N
                             None if seconds is None else seconds[rows], do_sample=True, temperature=temperature,
                             **engine_kwargs)
 
+    agree = (lambda flag: any_process(flag, token_ids.device)) if engine_kwargs.get("synced_gpus") else bool
     return temperature_fallback(token_ids, lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
-                                sample, model.generation_config)
+                                sample, model.generation_config, agree)
 
 
 @torch.no_grad()

@@ -124,22 +124,27 @@ def needs_fallback(texts: list[str], settings) -> list[int]:
 
 
 @torch.no_grad()
-def temperature_fallback(token_ids: torch.Tensor, decode_texts, sample, settings) -> torch.Tensor:
+def temperature_fallback(token_ids: torch.Tensor, decode_texts, sample, settings, any_process=bool) -> torch.Tensor:
     """`token_ids` (batch, length) with each row whose text loops (`needs_fallback`) decoded again by `sample(rows,
     temperature)` -> ids of those rows, at each of `FALLBACK_TEMPERATURES` in turn until it passes; a row that never
-    passes keeps its last sample. `decode_texts(ids)` turns ids into texts."""
+    passes keeps its last sample. `decode_texts(ids)` turns ids into texts.
+
+    `any_process(flag)`: whether `flag` holds on any process, when `sample` is a collective (ZeRO-3's
+    `generate(synced_gpus=True)` steps with the others): then every process samples as long as one still has a
+    looping row, a process with none left sampling its row 0 and dropping the result."""
     rows = needs_fallback(decode_texts(token_ids), settings)
-    if not rows:
+    if not any_process(bool(rows)):
         return token_ids
     devices = [token_ids.device] if token_ids.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(FALLBACK_SEED)
         for temperature in FALLBACK_TEMPERATURES:
-            sampled = sample(torch.tensor(rows, device=token_ids.device), temperature)
-            token_ids = _put_rows(token_ids, rows, sampled, settings.pad_token_id)
-            still = set(needs_fallback(decode_texts(sampled), settings))
-            rows = [row for position, row in enumerate(rows) if position in still]
-            if not rows:
+            sampled = sample(torch.tensor(rows or [0], device=token_ids.device), temperature)
+            if rows:
+                token_ids = _put_rows(token_ids, rows, sampled, settings.pad_token_id)
+                still = set(needs_fallback(decode_texts(sampled), settings))
+                rows = [row for position, row in enumerate(rows) if position in still]
+            if not any_process(bool(rows)):
                 break
     return token_ids
 

@@ -135,11 +135,40 @@ def saved_encoder_window(model_or_config) -> tuple[str, float]:
 def batch_features(model, log_mel, audio: torch.Tensor) -> torch.Tensor:
     """The log-mel features of a padded batch of audio (batch, samples) at the window the model's config records:
     the full window, or with `dynamic` the batch's longest clip rounded up to the recorded multiple. The batch's
-    width is its longest clip (the collator pads to it), so no length is read back from the device."""
+    width is its longest clip (the collator pads to it), so no length is read back from the device. In the
+    weights' dtype when they are half (`as_model_input`)."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
     window, multiple_s = saved_encoder_window(config)
     if window != "dynamic":
-        return log_mel(audio)
+        return as_model_input(model, log_mel(audio))
     frames = window_frames([audio.shape[1]], log_mel.hop_length, multiple_s, log_mel.sampling_rate,
                            full_window_frames(config))
-    return log_mel(audio, n_frames=frames)
+    return as_model_input(model, log_mel(audio, n_frames=frames))
+
+
+def as_model_input(model, features: torch.Tensor) -> torch.Tensor:
+    """Float `features` in the dtype of the model's weights when they are half: a DeepSpeed engine's bf16/fp16
+    weights, under which Accelerate runs no autocast (the Trainer casts inputs there for the same reason), or a
+    model loaded in half precision. With float32 weights (autocast, FSDP2's mixed precision, which casts inputs
+    itself) they stay float32."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel and DeepSpeed's engine keep it in .module
+    dtype = inner.get_encoder().conv1.weight.dtype  # the first layer the features meet
+    if dtype in (torch.float16, torch.bfloat16) and features.dtype != dtype:
+        return features.to(dtype)
+    return features
+
+
+def compile_encoder(model, backend: str | object = "inductor") -> None:
+    """Compiles the Whisper encoder of `model` in place with `torch.compile` (`train.torch_compile`): the module and
+    its parameter names stay, so checkpoints and best/ load without compiling. Call it after the model is wrapped
+    (DDP, FSDP2, DeepSpeed): compiling first would trace the unwrapped modules.
+
+    Only the encoder: its input has the window's shape, while the decoder's length changes with every batch and
+    every generated token. At the full window the shapes are fixed but for the batch size of a last batch, which
+    torch's automatic dynamic shapes absorb after one recompile; at a dynamic window the time axis changes with every
+    batch, so it is compiled with dynamic shapes from the start: one graph for every length (and one for the full
+    window's branch), per train/eval mode, instead of one per length until automatic dynamic shapes take over."""
+    config = getattr(model, "module", model).config
+    window, _ = saved_encoder_window(config)
+    encoder = getattr(model, "module", model).get_encoder()  # get_encoder: a LoRA model (peft) has no .model.encoder
+    encoder.compile(backend=backend, dynamic=True if window == "dynamic" else None)

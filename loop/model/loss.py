@@ -36,4 +36,7 @@ def decoder_logits(model, batch: dict, encoder_outputs=None, cache=None) -> torc
 
 def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(batch, label_length) cross-entropy of `labels` under `logits`, in float32, 0 where a label is -100."""
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    # Over (batch x length, vocabulary) rows: over (batch, vocabulary, length) torch picks nll_loss2d, whose CUDA
+    # kernel is not deterministic (`train.deterministic` would raise at the first step). Same values.
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view_as(labels)

@@ -73,6 +73,17 @@ def generation_kwargs(accelerator) -> dict:
     return {"synced_gpus": True} if is_zero3(accelerator) and accelerator.num_processes > 1 else {}
 
 
+def any_process(flag: bool, device) -> bool:
+    """Whether `flag` is true on any process (an all-reduce when torch.distributed runs several; all call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 def full_state_dict(accelerator, model) -> dict:
     """The model's full weights on the main process (an empty dict or the full one elsewhere); all processes call."""
     if fsdp2_units(model):
@@ -85,12 +96,19 @@ def full_state_dict(accelerator, model) -> dict:
 
 def check_generation_supported(accelerator, model) -> None:
     """FSDP1 (`fsdp_version: 1`) keeps flattened parameters the evaluation cannot gather this way: refused, with
-    the fix."""
+    the fix. So is LoRA under FSDP or ZeRO-3 (`loop.config.checks.engine_problems` says why; this catches an
+    engine set up without `accelerate launch`'s environment)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP and not fsdp2_units(model):
+    from loop.model.lora import is_lora_model
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not fsdp2_units(model):
         raise ValueError("FSDP version 1 is not supported by the evaluation: set fsdp_version: 2 in the accelerate "
                          "config (accelerate_configs/fsdp.yaml does)")
+    if (fsdp or is_zero3(accelerator)) and is_lora_model(accelerator.unwrap_model(model)):
+        raise ValueError("model.lora under FSDP or DeepSpeed ZeRO-3 is not supported: use plain data parallel "
+                         "(accelerate launch --multi_gpu) or ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml)")
 
 
 def grad_norm_tensor(grad_norm, device) -> torch.Tensor:

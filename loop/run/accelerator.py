@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from loop.config import MIXED_PRECISION, ConfigError
 
@@ -22,10 +23,17 @@ def resolve_mixed_precision(requested: str | None, option: str) -> str:
     return mixed_precision
 
 
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
 def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int = 1, log_with: list | None = None,
-                      project_dir: str | None = None) -> Accelerator:
-    """An Accelerator with the loop's settings; `accelerate launch` decides the processes."""
+                      project_dir: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Accelerator:
+    """An Accelerator with the loop's settings; `accelerate launch` decides the processes. `timeout_minutes`: how
+    long a process waits in a collective before the process group gives up (`train.ddp_timeout_minutes`)."""
     return Accelerator(
+        # NCCL's default is 10 minutes, shorter than the other processes can wait at a barrier for the main one:
+        # preparing an uncached corpus, hashing a checkpoint of several GB, merging LoRA into best/.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))],
         # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=mixed_precision,
@@ -36,7 +44,8 @@ def build_accelerator(mixed_precision: str, *, gradient_accumulation_steps: int 
         ),
         # The schedule runs over optimizer steps; by default a prepared scheduler steps once per process.
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Batches come from pinned memory (the loaders pin on CUDA), so their copy to the GPU need not block.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         log_with=log_with,
         project_dir=project_dir,
     )

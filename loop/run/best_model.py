@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from loop.files import file_checksums, replace_dir, write_json_atomic
+from loop.model.loading import load_for_inference
 from loop.model.lora import ADAPTER_DIR, is_lora_model, merged_copy, save_adapter
 from loop.model.sharding import full_state_dict
 from loop.run.disk_space import folder_bytes, reporting_save_failure, weights_bytes
@@ -73,3 +74,12 @@ def write_merged_and_adapter(model, folder: Path) -> None:
     merged.save_pretrained(folder, safe_serialization=True)
     del merged
     save_adapter(model, folder / ADAPTER_DIR)
+
+
+def load_best_for_evaluation(accelerator, output_dir: str | Path, encoder_window: str, attn_implementation: str = "sdpa"):
+    """`best/` as a model on this process' device, prepared for evaluation (autocast as in training), decoding with
+    `encoder_window`. Placed here rather than by `prepare_model`, which leaves placement to the sharding under FSDP;
+    best/ is an ordinary model, on the CPU as loaded, and would meet the features on the GPU."""
+    best, _ = load_for_inference(str(best_dir(output_dir)), attn_implementation=attn_implementation,
+                                 encoder_window=encoder_window)
+    return accelerator.prepare_model(best.to(accelerator.device), evaluation_mode=True)

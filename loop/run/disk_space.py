@@ -47,10 +47,20 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def storage_key(tensor: torch.Tensor):
+    """What two names of one tensor share: its storage address and shape. An FSDP2 parameter is a DTensor, whose
+    own `data_ptr()` is 0 for every parameter: its local shard's address then (an empty shard has none: the
+    tensor's identity)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor, without importing it
+    address = local.data_ptr()
+    return (address, tuple(tensor.shape)) if address else id(tensor)
+
+
 def weights_bytes(model) -> int:
     """Bytes of the model's state dict (parameters and buffers) as safetensors writes them: a tensor shared by two
-    names (Whisper's output projection is its token embedding) once."""
-    return tensor_bytes({t.data_ptr(): t for t in model.state_dict().values()}.values())
+    names (Whisper's output projection is its token embedding) once. A sharded (DTensor) tensor counts whole:
+    its `numel()` is the full tensor's."""
+    return tensor_bytes({storage_key(t): t for t in model.state_dict().values()}.values())
 
 
 def optimizer_bytes(optimizer) -> int:

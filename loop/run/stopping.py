@@ -23,10 +23,18 @@ class StopRequested:
             signal.signal(signum, self)
 
 
-def agreed_stop(accelerator: Accelerator, stop) -> bool:
-    """Whether any process was signalled: all of them must stop at the same step, or the others would wait in
-    the next step's collectives forever."""
+STOP_CHECK_STEPS = 10
+"""With several processes, steps between agreements on a stop: each is an all-reduce and a host-device sync, which
+at a few tens of milliseconds a step would stall the GPU every step; a stop then waits at most 9 steps more."""
+
+
+def agreed_stop(accelerator: Accelerator, stop, step: int = 0) -> bool:
+    """Whether any process was signalled, agreed at `step` (the optimizer steps taken): all of them must stop at the
+    same step, or the others would wait in the next step's collectives forever. With several processes they agree
+    every `STOP_CHECK_STEPS` steps only (the same steps on every process); a single process stops at once."""
     if accelerator.num_processes == 1:
         return bool(stop.signal_name)
+    if step % STOP_CHECK_STEPS:
+        return False
     flag = torch.tensor(1.0 if stop.signal_name else 0.0, device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
