@@ -1,7 +1,9 @@
 """Checkpoints under `<output_dir>/checkpoints/step_<N>/`: written atomically, found, rotated, resumed.
 
 A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, scaler, RNG states, all loaded back with
-`weights_only=True`) plus `loop_state.json` (step, epoch, position in the epoch, best WER, ...) and `config.json`.
+`weights_only=True`) plus `loop_state.json` (step, epoch, position in the epoch, best WER, ...) and the run's configuration,
+`run_config.json` (earlier versions named it `config.json`, the name every Hugging Face tool takes for a model's
+config: `read_run_config` reads both, and `loop.run.model_folder` loads a checkpoint as a model).
 The loop's own state is plain JSON rather than a registered object: Accelerate unpickles registered objects with
 `weights_only=False`, which would execute whatever a tampered checkpoint holds.
 
@@ -27,6 +29,8 @@ from loop.run.disk_space import checkpoint_bytes, reporting_save_failure
 
 CHECKPOINT = re.compile(r"^step_(\d+)$")
 STATE_FILE = "loop_state.json"
+RUN_CONFIG_FILE = "run_config.json"  # the run's configuration in a checkpoint
+LEGACY_RUN_CONFIG_FILE = "config.json"  # where earlier versions kept it, and where a run folder keeps it
 CHECKSUMS_KEY = "files"  # in STATE_FILE: {file: {"sha256", "bytes"}} of every other file of the checkpoint
 
 
@@ -100,7 +104,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, confi
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
         if accelerator.is_main_process:
-            write_json_atomic(staging / "config.json", config)
+            write_json_atomic(staging / RUN_CONFIG_FILE, config)
             # The state file is written last: a folder without it is never taken for a checkpoint.
             write_state_file(staging, state)
             # A re-save of the same step (after a resume that stopped at once) replaces the folder whole.
@@ -109,6 +113,21 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, confi
         rotate_checkpoints(output_dir, keep=keep, protect_step=state.best_step)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_run_config(folder: str | Path) -> dict | None:
+    """The run configuration saved in `folder` (a checkpoint, or a run folder): `run_config.json`, else a
+    `config.json` that holds one rather than a model's config (checkpoints of earlier versions, a run's top level).
+    None when there is none."""
+    for name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
+        path = Path(folder) / name
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(values, dict) and "model" in values and "train" in values and "model_type" not in values:
+            return values
+    return None
 
 
 def write_state_file(folder: Path, state: LoopState) -> Path:

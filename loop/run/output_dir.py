@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from loop.config import FIXED_ON_RESUME, ConfigError, RunConfig, config_differen
 from loop.run import lock as run_lock
 from loop.run.best_model import BEST_DIR
 from loop.run.checkpoint_integrity import choose_resume_checkpoint, set_aside_newer
-from loop.run.checkpoints import list_checkpoints
+from loop.run.checkpoints import list_checkpoints, read_run_config
 
 TENSORBOARD_DIR = "tensorboard"  # logs land in <output_dir>/tensorboard
 
@@ -73,10 +72,10 @@ def check_resume_config(config: RunConfig, checkpoint: Path, accelerator: Accele
     from an uninterrupted one (`FIXED_ON_RESUME`: data, batch, accumulation, seed, model) are refused unless
     `train.allow_config_change`; the others (learning rate, max_steps, eval and save intervals, ...) are listed
     and applied from the resumed step on."""
-    saved_file = checkpoint / "config.json"
-    if not saved_file.is_file():
+    saved = read_run_config(checkpoint)  # run_config.json, or config.json in a checkpoint of an earlier version
+    if saved is None:
         return
-    changes = config_differences(json.loads(saved_file.read_text(encoding="utf-8")), config)
+    changes = config_differences(saved, config)
     fixed = [change for change in changes if change[0] in FIXED_ON_RESUME]
     if fixed and not config.train.allow_config_change:
         raise ConfigError([
