@@ -3,6 +3,10 @@
     python scripts/evaluate.py --model runs/whisper-small-hi/best --data.path /data/cv-corpus-17.0-2024-03-15 \\
         --data.eval_split test --output_dir runs/eval-test [--compare openai/whisper-small] [--html]
 
+--model runs/NAME/checkpoints/step_N evaluates one checkpoint as the loop decoded at that step (the run's base
+model and settings); --model runs/NAME scores every intact checkpoint and best/ and writes run_scores.md,
+run_scores.json and run_scores.png (test WER by step beside the loop's selection WER), docs/checkpoints.md.
+
 Decodes with the model folder's saved settings (language, task, max length, beams) unless --language, --task,
 --num_beams (or --eval.generation_max_length) say otherwise. --eval.assistant_model=DIR decodes --model greedily by
 speculative decoding with DIR (a smaller model with the same tokenizer) drafting tokens: the same transcripts. Data options come from --config PRESET and any
@@ -32,13 +36,20 @@ from loop.eval.long_form import (
 )
 from loop.eval.long_form import summary_line as long_form_line
 from loop.eval.report import DEFAULT_HTML_AUDIO_MB
+from loop.eval.run_scores import SCORES_FILE, score_run, scores_markdown
 from loop.eval.saved_model import DecodeOverrides, run_evaluation, summary_line
 from loop.model.loading import ModelLoadError
+from loop.run.model_folder import identify, saved_run_config
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = make_parser(__doc__, sections=("data", "model", "eval"))
-    parser.add_argument("--model", required=True, help="model folder (e.g. runs/NAME/best) or Hub id")
+    parser.add_argument("--model", required=True,
+                        help="runs/NAME/best, runs/NAME/checkpoints/step_N, a Hub id, or a run folder runs/NAME "
+                             "(every intact checkpoint and best/, a table and a picture by step)")
+    parser.add_argument("--guard_sets", action="store_true",
+                        help="with a run folder: score every model on eval.guard_sets too (the run's own, unless "
+                             "--config or --eval.guard_sets names others)")
     parser.add_argument("--compare", default=None, help="a second model, evaluated on the same utterances")
     parser.add_argument("--html", action="store_true", help="also write report.html (errors marked, clips playable)")
     parser.add_argument("--html_audio_mb", type=float, default=DEFAULT_HTML_AUDIO_MB,
@@ -84,13 +95,29 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    # The decoding flags go through the config too, so a misspelt language is reported like any other option.
-    checked = [f"--model.name_or_path={args.model}", *overrides]
-    checked += [f"--model.language={args.language}"] if args.language else []
     try:
-        config = load_config(args.config, checked, args.output_dir)
+        source = identify(args.model, allow_run=True)
+        # A checkpoint or a run decodes with its run's base model; without --config, its run's settings (data, cache,
+        # guard sets) are the starting point, so `--model runs/NAME` alone scores it on the run's own test split.
+        base = source.run_config.model.name_or_path if source.run_config is not None else args.model
+        preset = args.config or (saved_run_config(source) if source.run_config is not None else None)
+        # The decoding flags go through the config too, so a misspelt language is reported like any other option.
+        checked = [f"--model.name_or_path={base}", *overrides]
+        checked += [f"--model.language={args.language}"] if args.language else []
+        config = load_config(preset, checked, args.output_dir)
         decode = DecodeOverrides.from_command_line(args.language, args.task, args.num_beams, overrides,
                                                    args.encoder_window, config.eval)
+        if source.kind == "run":
+            if args.compare or args.long_form or args.timestamps or args.html:
+                raise ConfigError([f"--model {args.model} is a whole run: --compare, --long_form, --timestamps and "
+                                   "--html take one model (pass best/ or checkpoints/step_N)"])
+            result = score_run(config, source.location, decode=decode, batch_size=args.batch_size,
+                               mixed_precision=args.mixed_precision, guard_sets=args.guard_sets)
+            if PartialState().is_main_process:
+                print(scores_markdown(result), end="")
+                print(f"wrote {SCORES_FILE}.md, {SCORES_FILE}.json, {SCORES_FILE}.png and each model's metrics to "
+                      f"{config.output_dir}")
+            return 0
         long_form = (LongFormOptions(args.long_form_min_s, args.long_form_max_s, args.long_form_gap_s,
                                      args.long_form_boundary_words, args.long_form_fallback)
                      if args.long_form else None)

@@ -20,6 +20,7 @@ from loop.config.loading import load_config
 from loop.data.sources import DataError
 from loop.extras import MissingExtra
 from loop.model.loading import ModelLoadError
+from loop.run.model_folder import model_folder
 from loop.ship.export import (
     FORMATS,
     QUANTIZATIONS,
@@ -36,7 +37,7 @@ SHIPPED_CORPUS = "assets/cv-corpus-17.0-synthetic"
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = make_parser(__doc__, sections=("data",))
-    parser.add_argument("--model", required=True, help="the model folder to export (e.g. runs/NAME/best)")
+    parser.add_argument("--model", required=True, help="the model folder to export (runs/NAME/best or runs/NAME/checkpoints/step_N)")
     parser.add_argument("--format", default="ct2", choices=FORMATS, help="ct2: CTranslate2, for faster-whisper")
     parser.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
                         help="how the weights are stored (default: %(default)s; int8 is about 4 times smaller)")
@@ -70,16 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Options are checked before the conversion, so a typo costs nothing.
         config = None if args.no_parity else load_config(args.config, [*default_data(args, overrides), *overrides])
-        source = read_source_model(resolve_path(args.model))
-        if config is not None:  # the clips are read first: a split without usable clips stops before the export
-            clips = read_clips(config, source.processor, source.config.max_target_positions, args.parity_clips)
-        export_ct2(source, output_dir, args.quantization, overwrite=args.overwrite,
-                   readme=export_readme(source, output_dir, args.quantization))
-        print(f"exported {args.model} ({args.quantization}) to {output_dir}")
-        if config is None:
-            return 0
-        report = run_parity(source.folder, output_dir, args.quantization, clips, split=config.data.eval_split,
-                            wer_tolerance=args.wer_tolerance, device=args.device, batch_size=args.batch_size)
+        # A checkpoint (step_N) is written out as a save_pretrained folder first: the converter reads files.
+        with model_folder(args.model) as folder:
+            source = read_source_model(folder, label="" if folder == resolve_path(args.model) else args.model)
+            if config is not None:  # the clips are read first: a split without usable clips stops before the export
+                clips = read_clips(config, source.processor, source.config.max_target_positions, args.parity_clips)
+            export_ct2(source, output_dir, args.quantization, overwrite=args.overwrite,
+                       readme=export_readme(source, output_dir, args.quantization))
+            print(f"exported {args.model} ({args.quantization}) to {output_dir}")
+            if config is None:
+                return 0
+            report = run_parity(source.folder, output_dir, args.quantization, clips, split=config.data.eval_split,
+                                wer_tolerance=args.wer_tolerance, device=args.device, batch_size=args.batch_size)
     except (ConfigError, DataError, ExportError, ModelLoadError, MissingExtra) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

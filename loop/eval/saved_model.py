@@ -36,9 +36,10 @@ from loop.files import write_json_atomic
 from loop.model.decoding_options import OPTION_NAMES, describe, override_decoding_options
 from loop.model.encoder_window import saved_encoder_window
 from loop.model.features import LogMel
-from loop.model.loading import load_companion, load_for_inference
+from loop.model.loading import load_companion
 from loop.run.accelerator import build_accelerator, resolve_mixed_precision
 from loop.run.lock import refuse_inside_running_run
+from loop.run.model_folder import load_inference_model
 
 METRIC_KEYS = ("wer", "cer", "normalized_wer", "normalized_cer", "loss", "language_id", "insertion_rate", "loop_share",
                "long_share", "compressible_share", "reference_compressible_share", "empty_share",
@@ -169,15 +170,17 @@ def prepare_split(config: RunConfig, model, processor, accelerator: Accelerator,
 
 def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, accelerator: Accelerator,
                          batch_size: int, same_as: PreparedSplit | None = None,
-                         timestamps: bool = False, assistant: str = "") -> tuple[ModelEvaluation, PreparedSplit]:
-    """Loads `name` as saved (plus `decode`) and decodes every row of the split once over all processes with
+                         timestamps: bool = False, assistant: str = "",
+                         option: str = "--model") -> tuple[ModelEvaluation, PreparedSplit]:
+    """Loads `name` (a model folder, a checkpoint or a Hub id: `loop.run.model_folder`) as saved (plus `decode`)
+    and decodes every row of the split once over all processes with
     `loop.eval.evaluation.evaluate` (on `same_as`'s utterances if given); with `timestamps`, the main process decodes
     them with timestamps too (`loop.eval.timestamps`, metrics.json's "timestamps"); with `assistant` (a model folder
     or Hub id), by speculative decoding with it as the assistant model."""
     settings = {key: value for key, value in asdict(decode).items() if key != "options"}
-    model, processor = load_for_inference(
+    model, processor = load_inference_model(
         name, **settings, fallback_language=config.model.language,
-        attn_implementation=config.model.attn_implementation,
+        attn_implementation=config.model.attn_implementation, option=option,
     )
     override_decoding_options(model.generation_config, decode.options)
     split = prepare_split(config, model, processor, accelerator, same_as)
@@ -221,7 +224,7 @@ def run_evaluation(config: RunConfig, model_name: str, *, compare: str | None = 
     second = None
     if compare:
         second, _ = evaluate_saved_model(config, compare, decode, accelerator, batch_size, same_as=split,
-                                         timestamps=timestamps)
+                                         timestamps=timestamps, option="--compare")
         first.metrics["compare"] = second.metrics
     # Planned on every process, so a split too short for one recording stops them all; decoded on the main one.
     plan = plan_recordings(split.table, split.processor, long_form, config.data.eval_split) if long_form else None

@@ -39,7 +39,14 @@ from loop.model.loading import (
 )
 from loop.model.lora import ADAPTER_WEIGHTS, load_adapter, merged_copy
 from loop.run.best_model import BEST_DIR, save_model_folder
-from loop.run.checkpoints import CHECKPOINT, STATE_FILE, list_checkpoints, read_run_config
+from loop.run.checkpoints import (
+    CHECKPOINT,
+    LEGACY_RUN_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    STATE_FILE,
+    list_checkpoints,
+    read_run_config,
+)
 from loop.run.output_dir import RESULTS_FILE, TENSORBOARD_DIR
 
 FULL_WEIGHTS = "model.safetensors"  # what `save_state` writes for a fully fine-tuned model
@@ -93,6 +100,15 @@ def identify(name_or_path: str | Path, option: str = "--model", allow_run: bool 
     if is_run_folder(path):
         return _run(path, where, allow_run)
     raise NotAModelError(f"{where} {_what_is_there(path)}")
+
+
+def saved_run_config(source: ModelSource) -> str:
+    """The file holding the run configuration of a checkpoint or run (JSON, so a valid `--config`)."""
+    for folder in (Path(source.location), Path(source.location).parent.parent):
+        for name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
+            if read_run_config(folder) is not None and (folder / name).is_file():
+                return str(folder / name)
+    raise NotAModelError(f"{source.location}: no run configuration found")
 
 
 def is_run_folder(path: Path) -> bool:

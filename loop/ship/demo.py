@@ -31,7 +31,8 @@ from loop.languages import language_code  # noqa: E402
 from loop.model.decoding import transcribe  # noqa: E402
 from loop.model.encoder_window import batch_features, saved_encoder_window  # noqa: E402
 from loop.model.features import LogMel, pad_waveforms  # noqa: E402
-from loop.model.loading import load_companion, load_for_inference  # noqa: E402
+from loop.model.loading import load_companion  # noqa: E402
+from loop.run.model_folder import load_inference_model  # noqa: E402
 from loop.ship.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
 
 gr = require("gradio", "demo", "the demo")
@@ -59,7 +60,7 @@ class Transcriber:
 
     def __init__(self, model_dir: str | Path, max_duration_s: float = DEFAULT_MAX_DURATION_S,
                  encoder_window: str | None = None, assistant_model: str | None = None):
-        self.model, self.processor = load_for_inference(str(model_dir), encoder_window=encoder_window)
+        self.model, self.processor = load_inference_model(str(model_dir), encoder_window=encoder_window)
         self.assistant = assistant_model and load_companion(  # speculative decoding: loop.model.decoding.assisted_ids
             assistant_model, self.model, self.processor.tokenizer, "--assistant_model",
             encoder_window=saved_encoder_window(self.model)[0])

@@ -27,6 +27,8 @@ def card_name(model_dir: str | Path) -> str:
     if not folder.is_dir():
         return str(model_dir)
     fallback = folder.resolve().parent.name if folder.resolve().name == "best" else folder.resolve().name
+    if folder.resolve().parent.name == "checkpoints":  # a run's step_N: the run and the step
+        return f"{folder.resolve().parent.parent.name} {folder.resolve().name}"
     card = folder / "README.md"
     if not card.is_file():
         return fallback

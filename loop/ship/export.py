@@ -53,13 +53,19 @@ class SourceModel:
     config: object  # WhisperConfig
     generation: object  # GenerationConfig
     processor: object  # WhisperProcessor
+    label: str = ""
+    """What the user passed, when `folder` is a checkpoint written out for the export (`loop.run.model_folder`)."""
+
+    @property
+    def name(self) -> str:
+        return self.label or str(self.folder)
 
     @property
     def multilingual(self) -> bool:
         return bool(getattr(self.generation, "is_multilingual", False) or getattr(self.generation, "lang_to_id", None))
 
 
-def read_source_model(folder: str | Path) -> SourceModel:
+def read_source_model(folder: str | Path, label: str = "") -> SourceModel:
     """The model folder `folder` (a `save_pretrained` Whisper such as runs/NAME/best), or an ExportError saying
     why it is not one."""
     from transformers import AutoConfig, GenerationConfig
@@ -91,7 +97,7 @@ def read_source_model(folder: str | Path) -> SourceModel:
         processor = load_processor(str(folder), language, task)
     except (OSError, ValueError, ModelLoadError) as error:
         raise ExportError(f"--model {folder}: cannot load its generation config or processor: {error}") from error
-    return SourceModel(folder, config, generation, processor)
+    return SourceModel(folder, config, generation, processor, label)
 
 
 def faster_whisper_problems(source: SourceModel) -> list[str]:
@@ -117,7 +123,7 @@ def preprocessor_settings(source: SourceModel) -> dict:
     """preprocessor_config.json's content: the model's feature extractor, its mel bins checked against the model."""
     settings = source.processor.feature_extractor.to_dict()
     if settings["feature_size"] != source.config.num_mel_bins:
-        raise ExportError(f"{source.folder}: feature extractor has {settings['feature_size']} mel bins, the model "
+        raise ExportError(f"{source.name}: feature extractor has {settings['feature_size']} mel bins, the model "
                           f"{source.config.num_mel_bins}")
     return settings
 
@@ -159,7 +165,7 @@ def export_ct2(source: SourceModel, output_dir: str | Path, quantization: str, *
     check_output_dir(output_dir, source.folder, overwrite)
     problems = faster_whisper_problems(source)
     if problems:
-        raise ExportError(f"--model {source.folder} cannot be exported for faster-whisper: {'; '.join(problems)}")
+        raise ExportError(f"--model {source.name} cannot be exported for faster-whisper: {'; '.join(problems)}")
     staging = output_dir.with_name(f".tmp-{output_dir.name}")
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +191,7 @@ def export_info(source: SourceModel, quantization: str) -> dict:
 
     ctranslate2 = require("ctranslate2", "export", "the export")
 
-    return {"source": str(source.folder), "format": "ct2", "quantization": quantization,
+    return {"source": source.name, "format": "ct2", "quantization": quantization,
             "num_mel_bins": source.config.num_mel_bins, "multilingual": source.multilingual,
             "language": getattr(source.generation, "language", None), "task": getattr(source.generation, "task", None),
             "versions": {"ctranslate2": ctranslate2.__version__, "transformers": transformers.__version__}}
@@ -219,8 +225,9 @@ def export_readme(source: SourceModel, output_dir: str | Path, quantization: str
     generation = source.generation
     language, task = getattr(generation, "language", None), getattr(generation, "task", None) or "transcribe"
     return "\n".join([
-        f"# {Path(source.folder).resolve().name} for faster-whisper ({quantization})", "",
-        f"`{source.folder}` converted to CTranslate2 with whisper-loop's `scripts/export.py` (CTranslate2's "
+        f"# {Path(source.label).name if source.label else Path(source.folder).resolve().name} for faster-whisper "
+        f"({quantization})", "",
+        f"`{source.name}` converted to CTranslate2 with whisper-loop's `scripts/export.py` (CTranslate2's "
         f"`TransformersConverter`, weights stored as {quantization}, {source.config.num_mel_bins} mel bins). "
         "`parity.json`, when present, compares its transcripts with the transformers model's on the same audio.", "",
         "## How to use", "",
