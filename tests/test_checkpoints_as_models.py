@@ -209,3 +209,33 @@ def test_the_demo_takes_a_step_checkpoint(kind, runs):
     text, _ = Transcriber(checkpoint).transcribe_file(clip)
     assert text and text == Transcriber(runs[kind] / "best").transcribe_file(clip)[0]
     assert card_name(checkpoint) == f"run step_{best_step}"
+
+
+@pytest.mark.slow  # a 2-step run of a 30-s-window model and an export with its parity check: about 2 minutes on 2 cores
+def test_the_export_takes_a_step_checkpoint(tmp_path, session_cache_dir):
+    """A 2-step run from the 30-s multilingual tiny Whisper of tests/export_models.py (the export refuses the 5-s
+    models), its step_2 exported to CTranslate2; the parity check decodes both from the same clips."""
+    pytest.importorskip("ctranslate2")
+    from tests.export_models import build_multilingual_tiny_whisper
+    from tests.helpers import load_script
+
+    base = build_multilingual_tiny_whisper(tmp_path / "base")
+    run = tmp_path / "run"
+    train(run_config(run, base, session_cache_dir, "--data.max_train_samples=4", "--data.selection_size=4",
+                     "--data.max_eval_samples=4", "--train.per_device_train_batch_size=4", "--train.max_steps=2",
+                     "--train.save_steps=2", "--eval.eval_steps=2", "--train.learning_rate=1e-3",
+                     "--model.encoder_window=full"))
+    reset_accelerate()
+    checkpoint = run / "checkpoints" / "step_2"
+    output = tmp_path / "ct2"
+    try:
+        rc = load_script("export").main([str(a) for a in ("--model", checkpoint, "--output_dir", output,
+                                                          "--parity_clips", 4, f"--data.cache_dir={session_cache_dir}")])
+    finally:
+        reset_accelerate()
+    assert rc == 0
+    parity = json.loads((output / "parity.json").read_text())
+    assert not parity["failures"]
+    info = json.loads((output / "export.json").read_text())
+    assert info["source"] == str(checkpoint)
+    assert (output / "README.md").read_text().startswith("# step_2 for faster-whisper")

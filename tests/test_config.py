@@ -239,7 +239,7 @@ def saved_run(tmp_path, *overrides):
     config = load_config("quickstart", list(overrides), str(tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_5"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "config.json").write_text(json.dumps(to_dict(config)), encoding="utf-8")
+    (checkpoint / "run_config.json").write_text(json.dumps(to_dict(config)), encoding="utf-8")
     (checkpoint / "loop_state.json").write_text(json.dumps({"step": 5}), encoding="utf-8")
     return config
 

@@ -209,7 +209,7 @@ def test_a_folder_that_is_not_a_model(case, tmp_path, capsys):
     assert run_export("--model", folder, "--output_dir", tmp_path / "out", "--no_parity") == 2
     line = error_line(capsys)
     assert str(folder) in line
-    assert {"missing": "no such folder", "empty": "no config.json", "no_weights": "no weights",
+    assert {"missing": "no such folder", "empty": "is an empty folder", "no_weights": "no weights",
             "not_whisper": "'bert' model, not a Whisper"}[case] in line
     assert not (tmp_path / "out").exists()
 
