@@ -99,6 +99,9 @@ def identify(name_or_path: str | Path, option: str = "--model", allow_run: bool 
         raise NotAModelError(f"{where} holds a {model_type!r} model, not a Whisper; {HINT}")
     if is_run_folder(path):
         return _run(path, where, allow_run)
+    if (path / "config.json").is_file():
+        raise NotAModelError(f"cannot load a model from {where}: its config.json names no model_type (neither a "
+                             f"model's config nor a run's); {HINT}")
     raise NotAModelError(f"{where} {_what_is_there(path)}")
 
 
