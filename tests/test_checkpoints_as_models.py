@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,16 @@ from loop.eval.run_scores import SCORES_FILE, TENSORBOARD_TAG
 from loop.run.checkpoints import LEGACY_RUN_CONFIG_FILE, RUN_CONFIG_FILE, STATE_FILE, LoopState, write_state_file
 from loop.run.model_folder import load_inference_model
 from loop.train import train
-from tests.helpers import CORPUS, reset_accelerate, run_config, run_evaluate_script, tensorboard_scalars
+from tests.helpers import (
+    CORPUS,
+    PROJECT,
+    child_env,
+    reset_accelerate,
+    run_config,
+    run_evaluate_script,
+    script_command,
+    tensorboard_scalars,
+)
 from tests.reference import read_predictions_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -111,6 +121,18 @@ def test_a_run_folder_gives_a_row_per_checkpoint_a_picture_and_tensorboard_point
     assert (out / f"{SCORES_FILE}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = tensorboard_scalars(run / "tensorboard", f"{TENSORBOARD_TAG}/test/wer")
     assert logged == pytest.approx({row["step"]: row["wer"] for row in result["rows"][:2]})
+
+
+def test_two_processes_score_a_run_as_one_does(runs, scored, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) splits each model's utterances: the same table."""
+    command = script_command("evaluate", "--model", runs["lora"], "--output_dir", tmp_path / "two", "--batch_size=3",
+                             processes=2)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((scored["lora"] / f"{SCORES_FILE}.json").read_text())
+    two = json.loads((tmp_path / "two" / f"{SCORES_FILE}.json").read_text())
+    assert two["rows"] == one["rows"]
+    assert json.loads((tmp_path / "two" / "best" / "metrics.json").read_text())["num_processes"] == 2
 
 
 def test_a_checkpoint_that_fails_verification_is_skipped_with_the_reason(runs, tmp_path):
