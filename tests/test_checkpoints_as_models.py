@@ -135,6 +135,25 @@ def test_two_processes_score_a_run_as_one_does(runs, scored, tmp_path):
     assert json.loads((tmp_path / "two" / "best" / "metrics.json").read_text())["num_processes"] == 2
 
 
+def test_compare_and_guard_sets_take_checkpoints(runs, tmp_path):
+    """--compare takes a step checkpoint (here against best/, the same model at the best step: the same figures);
+    a run scored with --guard_sets gets each guard set's WER per model, in the JSON and the table."""
+    run = runs["full"]
+    best_step = json.loads((run / "results.json").read_text())["best_step"]
+    assert run_evaluate_script("--model", run / "best", "--compare", run / "checkpoints" / f"step_{best_step}",
+                               f"--data.max_eval_samples={SAMPLES}", f"--data.path={CORPUS}",
+                               "--output_dir", tmp_path / "compare") == 0
+    metrics = json.loads((tmp_path / "compare" / "metrics.json").read_text())
+    assert metrics["compare"]["model"].endswith(f"step_{best_step}")
+    assert (metrics["compare"]["wer"], metrics["compare"]["cer"]) == (metrics["wer"], metrics["cer"])
+    english = f"{{name: english, language: english, path: {CORPUS}, locale: en, max_samples: 4}}"
+    assert run_evaluate_script("--model", run, "--guard_sets", f"--eval.guard_sets=[{english}]",
+                               "--output_dir", tmp_path / "guards") == 0
+    result = json.loads((tmp_path / "guards" / f"{SCORES_FILE}.json").read_text())
+    assert all(0 <= row["guards"]["english"]["wer"] for row in result["rows"]) and len(result["rows"]) == 3
+    assert "english WER" in (tmp_path / "guards" / f"{SCORES_FILE}.md").read_text()
+
+
 def test_a_checkpoint_that_fails_verification_is_skipped_with_the_reason(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["full"], run)
