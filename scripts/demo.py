@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--model", required=True, help="model folder (e.g. runs/NAME/best) or Hub id")
+    parser.add_argument("--model", required=True,
+                        help="model folder (runs/NAME/best or runs/NAME/checkpoints/step_N) or Hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")

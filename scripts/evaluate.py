@@ -38,6 +38,7 @@ from loop.eval.long_form import summary_line as long_form_line
 from loop.eval.report import DEFAULT_HTML_AUDIO_MB
 from loop.eval.run_scores import SCORES_FILE, score_run, scores_markdown
 from loop.eval.saved_model import DecodeOverrides, run_evaluation, summary_line
+from loop.extras import MissingExtra
 from loop.model.loading import ModelLoadError
 from loop.run.model_folder import identify, saved_run_config
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                  mixed_precision=args.mixed_precision, html=args.html,
                                  html_audio_mb=args.html_audio_mb, long_form=long_form,
                                  timestamps=args.timestamps)
-    except (ConfigError, DataError, ModelLoadError) as error:
+    except (ConfigError, DataError, ModelLoadError, MissingExtra) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if not PartialState().is_main_process:

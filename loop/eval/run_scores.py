@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from loop.config import RunConfig
 from loop.eval.guard_sets import attach_loaders, build_guard_sets, evaluate_guard_sets, guard_figures
 from loop.eval.saved_model import DecodeOverrides, evaluate_saved_model, write_outputs
+from loop.extras import require
 from loop.files import write_json_atomic, write_text_atomic
 from loop.model.features import LogMel
 from loop.model.loading import ModelLoadError
@@ -79,6 +80,7 @@ def score_run(config: RunConfig, run_dir: str | Path, *, decode: DecodeOverrides
     """Scores every member of `run_dir` on `config.data.eval_split` (with `guard_sets`, on `config.eval.guard_sets`
     too), all processes together, and writes the table, the picture and each model's outputs to
     `config.output_dir` on the main process. Returns what run_scores.json holds."""
+    require_matplotlib()  # before the models are scored, not after
     run_dir, output_dir = Path(run_dir), Path(config.output_dir)
     decode = decode or DecodeOverrides()
     batch_size = batch_size or config.eval.per_device_eval_batch_size
@@ -164,10 +166,7 @@ def scores_markdown(result: dict) -> str:
 
 def plot_scores(result: dict, path: Path) -> Path | None:
     """run_scores.png: the split's WER of each checkpoint by step, best/ marked, and the loop's selection WER."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise RuntimeError("the picture of a run's scores needs matplotlib: pip install -e '.[checkpoints]'") from error
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -191,6 +190,10 @@ def plot_scores(result: dict, path: Path) -> Path | None:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def require_matplotlib():
+    return require("matplotlib", "checkpoints", "the picture of a run's scores")
 
 
 def log_to_tensorboard(run_dir: Path, result: dict) -> str:
