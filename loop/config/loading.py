@@ -1,5 +1,5 @@
 """A `RunConfig` from its sources, checked: defaults -> YAML preset (`--config NAME_OR_PATH`) -> command-line
-overrides (`--section.key=value`), or a saved `config.json` (checkpoints and results carry one).
+overrides (`--section.key=value`), or a saved configuration (a run's `config.json`, a checkpoint's `run_config.json`).
 
 Every problem with a configuration is collected and reported in one `ConfigError` before any model or data loads:
 first each field against its own type (`Literal` choices, `Range` bounds: `field_problems`), then the settings
