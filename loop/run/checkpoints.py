@@ -119,6 +119,12 @@ def read_run_config(folder: str | Path) -> dict | None:
     """The run configuration saved in `folder` (a checkpoint, or a run folder): `run_config.json`, else a
     `config.json` that holds one rather than a model's config (checkpoints of earlier versions, a run's top level).
     None when there is none."""
+    found = run_config_file(folder)
+    return found[1] if found else None
+
+
+def run_config_file(folder: str | Path) -> tuple[Path, dict] | None:
+    """(the file, its contents) of `read_run_config`."""
     for name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
         path = Path(folder) / name
         try:
@@ -126,7 +132,7 @@ def read_run_config(folder: str | Path) -> dict | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(values, dict) and "model" in values and "train" in values and "model_type" not in values:
-            return values
+            return path, values
     return None
 
 

@@ -41,11 +41,10 @@ from loop.model.lora import ADAPTER_WEIGHTS, load_adapter, merged_copy
 from loop.run.best_model import BEST_DIR, save_model_folder
 from loop.run.checkpoints import (
     CHECKPOINT,
-    LEGACY_RUN_CONFIG_FILE,
-    RUN_CONFIG_FILE,
     STATE_FILE,
     list_checkpoints,
     read_run_config,
+    run_config_file,
 )
 from loop.run.output_dir import RESULTS_FILE, TENSORBOARD_DIR
 
@@ -108,9 +107,9 @@ def identify(name_or_path: str | Path, option: str = "--model", allow_run: bool 
 def saved_run_config(source: ModelSource) -> str:
     """The file holding the run configuration of a checkpoint or run (JSON, so a valid `--config`)."""
     for folder in (Path(source.location), Path(source.location).parent.parent):
-        for name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
-            if read_run_config(folder) is not None and (folder / name).is_file():
-                return str(folder / name)
+        found = run_config_file(folder)
+        if found:
+            return str(found[0])
     raise NotAModelError(f"{source.location}: no run configuration found")
 
 
