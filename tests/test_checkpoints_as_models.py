@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from loop.config import ConfigError
 from loop.eval.run_scores import SCORES_FILE, TENSORBOARD_TAG
+from loop.model.encoder_window import saved_encoder_window
 from loop.run.checkpoints import LEGACY_RUN_CONFIG_FILE, RUN_CONFIG_FILE, STATE_FILE, LoopState, write_state_file
 from loop.run.model_folder import load_inference_model
 from loop.train import train
@@ -39,7 +40,9 @@ RUN = ("--data.max_train_samples=16", "--data.selection_size=8", f"--data.max_ev
        "--train.per_device_train_batch_size=4", "--train.max_steps=4", "--train.save_steps=2", "--eval.eval_steps=2",
        "--train.report_to=tensorboard", "--eval.generation_max_length=20", "--model.dropout=0",
        "--model.apply_spec_augment=false")
-KINDS = {"full": ("--train.learning_rate=3e-4",), "lora": ("--model.lora=true", "--train.learning_rate=1e-2")}
+# The LoRA run also trains with a dynamic encoder window, which its checkpoints must decode with as the loop did.
+KINDS = {"full": ("--train.learning_rate=3e-4",),
+         "lora": ("--model.lora=true", "--train.learning_rate=1e-2", "--model.encoder_window=dynamic")}
 
 
 def make_run(folder: Path, base: Path, cache_dir: Path, kind: str, *extra: str):
@@ -94,6 +97,8 @@ def test_the_best_step_decodes_exactly_as_best(kind, runs, scored):
     assert model.state_dict().keys() == best.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], best.state_dict()[k]) for k in best.state_dict())
     assert model.generation_config.to_diff_dict() == best.generation_config.to_diff_dict()
+    assert saved_encoder_window(model) == saved_encoder_window(best) == (
+        ("dynamic", 1.0) if kind == "lora" else ("full", 1.0))
 
 
 def test_a_full_checkpoint_holds_its_own_weights_not_the_base(runs, decoding_checkpoint):
@@ -124,12 +129,13 @@ def test_a_run_folder_gives_a_row_per_checkpoint_a_picture_and_tensorboard_point
 
 
 def test_two_processes_score_a_run_as_one_does(runs, scored, tmp_path):
-    """accelerate launch with 2 CPU processes (gloo) splits each model's utterances: the same table."""
-    command = script_command("evaluate", "--model", runs["lora"], "--output_dir", tmp_path / "two", "--batch_size=3",
+    """accelerate launch with 2 CPU processes (gloo) splits each model's utterances: the same table. (The full
+    window: with a dynamic one, each batch's window follows its longest clip, so other batches decode otherwise.)"""
+    command = script_command("evaluate", "--model", runs["full"], "--output_dir", tmp_path / "two", "--batch_size=3",
                              processes=2)
     done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600, cwd=PROJECT)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = json.loads((scored["lora"] / f"{SCORES_FILE}.json").read_text())
+    one = json.loads((scored["full"] / f"{SCORES_FILE}.json").read_text())
     two = json.loads((tmp_path / "two" / f"{SCORES_FILE}.json").read_text())
     assert two["rows"] == one["rows"]
     assert json.loads((tmp_path / "two" / "best" / "metrics.json").read_text())["num_processes"] == 2
