@@ -169,6 +169,7 @@ def plot_scores(result: dict, path: Path) -> Path | None:
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     checkpoints = [row for row in result["rows"] if row["model"] != BEST_DIR and row["step"] is not None]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
@@ -178,8 +179,15 @@ def plot_scores(result: dict, path: Path) -> Path | None:
         axes.plot([e["step"] for e in result["selection"]], [e["wer"] for e in result["selection"]], "s--",
                   alpha=0.7, label="selection WER (the loop's evaluations)")
     best = next((row for row in result["rows"] if row["model"] == BEST_DIR and row["step"] is not None), None)
-    if best is not None:
-        axes.plot([best["step"]], [best["wer"]], "*", markersize=16, label=f"best/ ({result['split']} WER)")
+    if best is not None:  # hollow, so the checkpoint of the same step shows through
+        axes.plot([best["step"]], [best["wer"]], "*", markersize=18, markerfacecolor="none", markeredgewidth=1.5,
+                  label=f"best/ ({result['split']} WER)")
+    steps = [row["step"] for row in result["rows"] if row["step"] is not None]
+    if steps:  # at least a step either side, so that a single checkpoint gets whole-number ticks too
+        pad = max(1.0, 0.08 * (max(steps) - min(steps)))
+        axes.set_xlim(min(steps) - pad, max(steps) + pad)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    axes.margins(y=0.2)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("WER (%)")
     axes.set_title(f"{Path(result['run']).name}: {result['split']} WER by step")
