@@ -101,6 +101,20 @@ def test_the_best_step_decodes_exactly_as_best(kind, runs, scored):
         ("dynamic", 1.0) if kind == "lora" else ("full", 1.0))
 
 
+def test_a_checkpoint_of_a_run_with_an_average_loads_the_average(tmp_path, decoding_checkpoint, session_cache_dir):
+    """With train.ema_decay the loop evaluates and writes best/ with the averaged weights: the checkpoint of the
+    same step loads them too (bit for bit best/'s), not the raw weights of its model.safetensors."""
+    run = tmp_path / "run"
+    train(make_run(run, decoding_checkpoint, session_cache_dir, "full", "--train.max_steps=2",
+                   "--train.ema_decay=0.5", "--train.report_to=none"))
+    reset_accelerate()
+    model, _ = load_inference_model(run / "checkpoints" / "step_2")
+    best, _ = load_inference_model(run / "best")
+    assert all(torch.equal(model.state_dict()[k], best.state_dict()[k]) for k in best.state_dict())
+    raw = load_file(str(run / "checkpoints" / "step_2" / "model.safetensors"))
+    assert any(not torch.equal(raw[name], model.state_dict()[name]) for name in raw)
+
+
 def test_a_full_checkpoint_holds_its_own_weights_not_the_base(runs, decoding_checkpoint):
     checkpoint = runs["full"] / "checkpoints" / "step_4"
     model, _ = load_inference_model(checkpoint)

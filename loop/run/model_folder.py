@@ -7,7 +7,8 @@ A folder may be
   or a LoRA run's `adapter_model.safetensors`) fit the run's base model, so it is rebuilt as the loop built it:
   `loop.model.loading.load_model` with the run's `model` and `eval` sections (base `model.name_or_path`, its
   processor, language, task, max length, beams, decoding options, encoder window), the saved weights loaded into
-  it, a LoRA adapter merged as `best/` merges it. It then decodes as the loop's evaluation did at that step;
+  it (the `train.ema_decay` average when the run kept one, as its evaluations used), a LoRA adapter merged as
+  `best/` merges it. It then decodes as the loop's evaluation did at that step;
 - a run: `<run>/`, whose checkpoints and best/ `loop.eval.run_scores` scores together;
 - anything else (an empty folder, `tensorboard/`, a file, another architecture), refused by `NotAModelError` in
   one or two lines that say what was found and what to pass instead, before transformers prints a load report.
@@ -46,6 +47,7 @@ from loop.run.checkpoints import (
     read_run_config,
     run_config_file,
 )
+from loop.run.ema import EMA_FILE
 from loop.run.output_dir import RESULTS_FILE, TENSORBOARD_DIR
 
 FULL_WEIGHTS = "model.safetensors"  # what `save_state` writes for a fully fine-tuned model
@@ -194,9 +196,12 @@ def load_checkpoint_model(source: ModelSource, attn_implementation: str | None =
     try:
         if config.model.lora:
             load_adapter(model, folder)
-            model = merged_copy(model)
         else:
             _load_full_weights(model, folder / FULL_WEIGHTS)
+        if config.train.ema_decay > 0:  # the loop evaluated (and wrote best/) with the averaged weights
+            _load_averaged_weights(model, folder / EMA_FILE)
+        if config.model.lora:
+            model = merged_copy(model)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"{folder}: its weights do not fit the run's base model "
                              f"{config.model.name_or_path!r}: {error}") from error
@@ -216,6 +221,20 @@ def _load_full_weights(model, path: Path) -> None:
     if missing or result.unexpected_keys:
         raise ValueError(f"{len(missing)} missing tensors (e.g. {missing[:2]}) and {len(result.unexpected_keys)} "
                          f"unknown ones (e.g. {result.unexpected_keys[:2]})")
+
+
+def _load_averaged_weights(model, path: Path) -> None:
+    """`train.ema_decay`'s average (`loop.run.ema`, saved by name for every trainable weight) into `model`."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != trainable.keys():
+        raise ValueError(f"{path.name} holds {len(saved)} tensors, the model has {len(trainable)} trainable weights")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            trainable[name].copy_(tensor)
 
 
 def load_inference_model(name_or_path: str | Path, *, language: str | None = None, task: str | None = None,
