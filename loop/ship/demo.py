@@ -22,10 +22,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
-import soundfile  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
-from loop.data.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
+from loop.data.audio import SAMPLE_RATE, as_cached  # noqa: E402
 from loop.eval.long_form import transcribe_long  # noqa: E402
 from loop.languages import language_code  # noqa: E402
 from loop.model.decoding import transcribe  # noqa: E402
@@ -33,6 +32,7 @@ from loop.model.encoder_window import batch_features  # noqa: E402
 from loop.model.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model.loading import load_for_inference  # noqa: E402
 from loop.ship.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
+from loop.ship.uploads import AudioInputError, read_audio  # noqa: E402
 
 DEFAULT_MAX_DURATION_S = 600.0  # longest recording or upload the demo transcribes
 DEFAULT_MAX_FILE_SIZE = "100mb"  # uploads larger than this are refused before they reach the model
@@ -47,9 +47,7 @@ LONG_FORM = (
 )
 
 
-class DemoInputError(ValueError):
-    """Audio the demo cannot transcribe; the message is shown to the user as it is."""
-
+DemoInputError = AudioInputError  # audio the demo cannot transcribe; the message is shown to the user as it is
 
 class Transcriber:
     """A saved model and its processor, decoding one file at a time as the model folder says (language and task
@@ -97,36 +95,9 @@ class Transcriber:
         return text, time.perf_counter() - started
 
     def load_audio(self, path: str | Path | None) -> np.ndarray:
-        """The file as 16-kHz mono samples, or a DemoInputError saying what is wrong with it. The duration is
-        checked from the header first, so a file of hours is refused without decoding it into memory."""
-        if not path:
-            raise DemoInputError("No audio: record something with the microphone or upload a file first.")
-        try:
-            claimed = soundfile.info(str(path)).duration
-        except RuntimeError:  # LibsndfileError: not a format it knows, or a broken header; decode_audio says which
-            claimed = 0.0
-        if claimed > self.max_duration_s:
-            raise self.too_long(claimed)
-        try:
-            waveform = decode_audio(path)
-        except AudioError as error:
-            if error.reason == "empty_audio":
-                raise DemoInputError(
-                    f"{Path(path).name} is an empty recording (no samples): record again, or upload another file."
-                ) from error
-            raise DemoInputError(
-                f"{Path(path).name} cannot be read as audio ({error.reason}): upload a WAV, MP3, FLAC or OGG file."
-            ) from error
-        duration = len(waveform) / SAMPLE_RATE
-        if duration > self.max_duration_s:
-            raise self.too_long(duration)
-        return waveform
-
-    def too_long(self, duration: float) -> DemoInputError:
-        return DemoInputError(
-            f"The audio is {duration:.0f} s long; this demo transcribes at most {self.max_duration_s:g} s "
-            "(--max_duration_s). Cut it into shorter pieces."
-        )
+        """The file as 16-kHz mono samples, or a DemoInputError saying what is wrong with it
+        (`loop.ship.uploads.read_audio`, the checks the server makes too)."""
+        return read_audio(path, self.max_duration_s)
 
     # Gradio finds the progress bar by this default value, its documented idiom.
     def handle(self, path: str | None, language: str, task: str,
