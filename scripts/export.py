@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--format", default="ct2", choices=FORMATS,
                         help="; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()))
     every = sorted({q for offered in QUANTIZATIONS.values() for q in offered})
-    parser.add_argument("--quantization", default="float32", choices=every,
-                        help="how the weights are stored (default: %(default)s); " + "; ".join(
+    parser.add_argument("--quantization", default=None, choices=every,
+                        help="how the weights are stored (default: the first listed); " + "; ".join(
                             f"{name}: {', '.join(offered)}" for name, offered in QUANTIZATIONS.items()))
     parser.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
     parser.add_argument("--parity_clips", type=int, default=DEFAULT_CLIPS,
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--output_dir is required: the folder the exported model is written to")
     if args.parity_clips < 1:
         parser.error(f"--parity_clips must be 1 or more, got {args.parity_clips} (--no_parity skips the check)")
+    args.quantization = args.quantization or QUANTIZATIONS[args.format][0]
     if args.quantization not in QUANTIZATIONS[args.format]:
         parser.error(f"--quantization {args.quantization} is not offered for --format {args.format}: choose one of "
                      f"{', '.join(QUANTIZATIONS[args.format])}")

@@ -12,7 +12,9 @@ from loop.ship.export import ExportError, SourceModel, export_ct2, export_readme
 
 QUANTIZATIONS = {
     "ct2": CT2_QUANTIZATIONS,
-    "ggml": ("float32", "float16", "q8_0", "q5_0", "q4_0"),
+    # No float32: whisper.cpp's CPU convolution takes float16 kernels only (an assertion aborts the process on a
+    # float32 file), and whisper.cpp's own converter writes float16 too.
+    "ggml": ("float16", "q8_0", "q5_0", "q4_0"),
     "onnx": ("float32",),
 }
 FORMATS = tuple(QUANTIZATIONS)

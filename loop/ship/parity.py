@@ -165,13 +165,16 @@ def reference_side(model_dir: str | Path, clips: list[Clip], device: str = "cpu"
 def side_report(references: list[str], texts: list[str], language: str, seconds: float,
                 baseline: list[str] | None = None) -> dict:
     """One side's rates (percent, corpus-level), hallucination figures, decode time and, against `baseline`,
-    identical transcripts."""
+    identical transcripts and the WER and CER of its transcripts taking the baseline's as references."""
     report = {**compute_metrics(references, texts, language), "seconds": round(seconds, 3),
               "seconds_per_clip": round(seconds / max(len(texts), 1), 4),
               "hallucination": hallucination_metrics(references, texts)}
     if baseline is not None:
         same = sum(a == b for a, b in zip(texts, baseline))
-        report.update(identical=same, identical_share=same / max(len(texts), 1))
+        # The transformers transcripts as reference: how far the export's words are from the model's own.
+        agreement = compute_metrics(baseline, texts, language)
+        report.update(identical=same, identical_share=same / max(len(texts), 1),
+                      agreement_wer=agreement["wer"], agreement_cer=agreement["cer"])
     return report
 
 
