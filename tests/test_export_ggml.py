@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import load_script, reset_accelerate
+from tests.helpers import child_env, corpus_rows, docs_snippet, load_script, reset_accelerate
 
 pytest.importorskip("pywhispercpp")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -152,3 +154,22 @@ def test_a_model_with_other_special_ids_is_refused(cache_dir, tmp_path, capsys):
     assert run_export("--model", model, "--format", "ggml", "--output_dir", tmp_path / "out", "--no_parity") == 2
     assert "whisper.cpp assumes 50257" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_docs_snippet_runs_as_written(float16_export, tmp_path):
+    """docs/export-formats.md's pywhispercpp lines, on a 16-kHz WAV of a shipped clip, print whisper.cpp's text."""
+    import soundfile
+
+    from loop.data.audio import SAMPLE_RATE, decode_audio
+
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, decode_audio(corpus_rows("test")[0]["audio_path"]), SAMPLE_RATE, subtype="PCM_16")
+    snippet = docs_snippet("export-formats.md", "pywhispercpp.model",
+                           {"exports/ggml/ggml-model.bin": str(float16_export[1] / "ggml-model.bin"),
+                            "clip.wav": str(wav)})
+    script = tmp_path / "docs_snippet.py"
+    script.write_text(snippet, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(),
+                         cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip()  # whisper.cpp's transcript of the clip

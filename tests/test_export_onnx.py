@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import child_env, corpus_rows, load_script, reset_accelerate
+from tests.helpers import child_env, corpus_rows, docs_snippet, load_script, reset_accelerate
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -98,3 +98,17 @@ def test_the_readme_snippet_runs_as_written(export, tmp_path):
     assert run.returncode == 0, run.stderr
     expected = OnnxWhisper(output).transcribe([decode_audio(clip)])[0]
     assert expected and run.stdout.rstrip("\n") == expected
+
+
+def test_the_docs_snippet_runs_as_written(export, tmp_path):
+    from loop.data.audio import decode_audio
+    from loop.ship.onnx_decode import OnnxWhisper
+
+    clip = corpus_rows("test")[1]["audio_path"]
+    snippet = docs_snippet("export-formats.md", "OnnxWhisper(", {"exports/onnx": str(export[1]), "clip.wav": clip})
+    script = tmp_path / "docs_snippet.py"
+    script.write_text(snippet, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(),
+                         cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip("\n") == OnnxWhisper(export[1]).transcribe([decode_audio(clip)])[0]

@@ -211,3 +211,47 @@ def test_a_full_queue_is_answered_503(backend, clips):
             assert first.result().status_code == 200  # the lock released, it runs
     finally:
         served.close()
+
+
+def test_the_docs_client_snippet_runs_as_written(server, backend, clips, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env, docs_snippet
+
+    snippet = docs_snippet("export-formats.md", "client.audio.transcriptions.create",
+                           {"http://127.0.0.1:8000/v1": f"{server.url}/v1", '"unused"': f'"{KEY}"',
+                            "clip.wav": str(clips[2])})
+    script = tmp_path / "client.py"
+    script.write_text(snippet, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(),
+                         cwd=tmp_path, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip("\n") == evaluate_transcript(backend, clips[2])
+
+
+def test_a_ctranslate2_export_is_served_through_faster_whisper(clips, tmp_path):
+    """--model may be a CTranslate2 export: faster-whisper decodes it, with timed segments."""
+    from openai import OpenAI
+
+    from loop.ship.export import export_ct2, read_source_model
+    from loop.ship.serve import build_app
+    from loop.ship.serve_backends import FasterWhisperBackend, load_backend
+    from tests.export_models import build_multilingual_tiny_whisper
+
+    model = build_multilingual_tiny_whisper(tmp_path / "model")
+    export = export_ct2(read_source_model(model), tmp_path / "ct2", "float32")
+    backend = load_backend(export)
+    assert isinstance(backend, FasterWhisperBackend)
+    expected = backend.transcribe(decode_audio(clips[0])).text
+    served = Served(build_app(backend, "ct2"))
+    try:
+        client = OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        with open(clips[0], "rb") as audio:
+            assert client.audio.transcriptions.create(model="ct2", file=audio).text == expected != ""
+        with open(clips[0], "rb") as audio:
+            verbose = client.audio.transcriptions.create(model="ct2", file=audio, response_format="verbose_json")
+        assert verbose.language == "hi" and verbose.segments
+        assert all(0 <= s.start <= s.end <= verbose.duration for s in verbose.segments)
+    finally:
+        served.close()

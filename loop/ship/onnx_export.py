@@ -31,6 +31,7 @@ from loop.ship.export import ExportError, SourceModel, check_output_dir, free_sp
 ENCODER_FILE, DECODER_FILE, SETTINGS_FILE = "encoder.onnx", "decoder.onnx", "whisper_onnx.json"
 OPSET = 17
 WINDOW_POSITIONS = 1500  # encoder positions of Whisper's 30-s window
+FALLBACK_LANGUAGE = "hindi"  # load_for_inference's default for a checkpoint that names no language
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -101,8 +102,15 @@ class DecoderGraph(torch.nn.Module):
 
 def onnx_settings(source: SourceModel) -> dict:
     """whisper_onnx.json: what a greedy loop needs besides the graphs (module docstring)."""
-    config, generation, tokenizer = source.config, source.generation, source.processor.tokenizer
-    prompt = [int(t) for t in tokenizer.prefix_tokens]
+    from loop.model.loading import load_processor
+
+    config, generation = source.config, source.generation
+    # A checkpoint that names no language (a Hub base model) decodes in the fallback language, as
+    # `loop.model.loading.load_for_inference` decodes it.
+    language = getattr(generation, "language", None) or FALLBACK_LANGUAGE
+    task = getattr(generation, "task", None) or "transcribe"
+    prompt = [int(t) for t in load_processor(str(source.folder), language, task).tokenizer.prefix_tokens]
+    tokenizer = source.processor.tokenizer
     return {
         "prompt_tokens": prompt, "end_token": int(tokenizer.eos_token_id),
         "suppress_tokens": [int(t) for t in generation.suppress_tokens or []],
@@ -111,7 +119,7 @@ def onnx_settings(source: SourceModel) -> dict:
         "num_mel_bins": config.num_mel_bins, "window_frames": 2 * config.max_source_positions,
         "decoder_layers": config.decoder_layers, "decoder_heads": config.decoder_attention_heads,
         "head_dim": config.d_model // config.decoder_attention_heads,
-        "language": getattr(generation, "language", None), "task": getattr(generation, "task", None),
+        "language": language, "task": task,
         "files": {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
     }
 
