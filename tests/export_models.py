@@ -33,7 +33,7 @@ from transformers import (
 from loop.config import EvalConfig
 from loop.model.loading import set_generation_settings
 from loop.model.tiny import train_tokenizer, whisper_generation_config
-from tests.helpers import DECODE_MAX_LENGTH, WEIGHT_SCALE, corpus_rows
+from tests.helpers import DECODE_MAX_LENGTH, WEIGHT_SCALE, corpus_rows, load_script, reset_accelerate
 
 MULTILINGUAL_VOCAB_SIZE = 51865  # whisper-tiny ... large-v2; large-v3 has 51866
 EMPTY_TOKEN = ""  # the real multilingual vocabulary's token 50256, which CTranslate2 looks for
@@ -110,3 +110,11 @@ def build_multilingual_tiny_whisper(folder: str | Path, *, num_mel_bins: int = 8
     model.save_pretrained(folder)
     WhisperProcessor(feature_extractor, tokenizer).save_pretrained(folder)
     return folder
+
+
+def run_export(*argv) -> int:
+    """scripts/export.py's main() in-process on `argv` (paths and numbers as they are); its exit status."""
+    try:
+        return load_script("export").main([str(a) for a in argv])
+    finally:
+        reset_accelerate()

@@ -20,18 +20,11 @@ from loop.config.loading import load_config
 from loop.data.audio import decode_audio
 from loop.ship.parity import read_clips
 from loop.ship.runtimes import run_parity
-from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import CORPUS, child_env, corpus_rows, load_script, reset_accelerate
+from tests.export_models import build_multilingual_tiny_whisper, run_export
+from tests.helpers import CORPUS, child_env, corpus_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLIPS = 4  # of the shipped test split, the first in its TSV order
-
-
-def run_export(*argv) -> int:
-    try:
-        return load_script("export").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +302,7 @@ def test_the_model_card_tells_how_to_export(model_dir, tmp_path):
     assert "hf download me/whisper-hi --local-dir whisper-hi" in section
     assert "python scripts/export.py --model whisper-hi --quantization int8 --output_dir whisper-hi-ct2-int8" in section
     assert 'WhisperModel("whisper-hi-ct2-int8")' in section and "soxr.resample" in section
+    others = text.split("## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server")[1]
+    assert "python scripts/export.py --model whisper-hi --format ggml --quantization q8_0" in others
+    assert "whisper-cli -m whisper-hi-ggml/ggml-model.bin -l hi -nf -f clip.wav" in others
+    assert "--format onnx --output_dir whisper-hi-onnx" in others and "python scripts/serve.py --model whisper-hi" in others

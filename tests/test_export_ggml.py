@@ -14,19 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import child_env, corpus_rows, docs_snippet, load_script, reset_accelerate
+from tests.export_models import build_multilingual_tiny_whisper, run_export
+from tests.helpers import child_env, corpus_rows, docs_snippet
 
 pytest.importorskip("pywhispercpp")
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLIPS = 4
-
-
-def run_export(*argv) -> int:
-    try:
-        return load_script("export").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +163,6 @@ def test_the_docs_snippet_runs_as_written(float16_export, tmp_path):
     script = tmp_path / "docs_snippet.py"
     script.write_text(snippet, encoding="utf-8")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(),
-                         cwd=tmp_path, check=False)
+                         cwd=tmp_path, check=False, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip()  # whisper.cpp's transcript of the clip

@@ -14,20 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import child_env, corpus_rows, docs_snippet, load_script, reset_accelerate
+from tests.export_models import build_multilingual_tiny_whisper, run_export
+from tests.helpers import child_env, corpus_rows, docs_snippet
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLIPS = 4
-
-
-def run_export(*argv) -> int:
-    try:
-        return load_script("export").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,13 @@ convolution takes float16 kernels only (an assertion aborts the process), as its
 
 from __future__ import annotations
 
-import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from loop.files import replace_dir, write_json_atomic, write_text_atomic
-from loop.ship.export import ExportError, SourceModel, check_output_dir, free_space
+from loop.files import write_json_atomic, write_text_atomic
+from loop.ship.export import ExportError, SourceModel, check_output_dir, write_staged
 
 MAGIC = 0x67676D6C
 GGML_FILE = "ggml-model.bin"
@@ -194,11 +193,8 @@ def export_ggml(source: SourceModel, output_dir: str | Path, quantization: str, 
         raise ExportError(f"--model {source.folder} cannot be exported for whisper.cpp: {'; '.join(problems)}")
     model = load_weights(str(source.folder))
     state = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
-    staging = output_dir.with_name(f".tmp-{output_dir.name}")
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+
+    def write(staging: Path) -> None:
         with open(staging / GGML_FILE, "wb") as handle:
             for part in ggml_bytes(source, state, quantization):
                 handle.write(part)
@@ -207,11 +203,8 @@ def export_ggml(source: SourceModel, output_dir: str | Path, quantization: str, 
             "num_mel_bins": source.config.num_mel_bins, "language": getattr(source.generation, "language", None),
             "task": getattr(source.generation, "task", None)})
         write_text_atomic(staging / "README.md", ggml_readme(source, output_dir, quantization))
-        replace_dir(staging, output_dir)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"could not write the export to {output_dir}: {error.strerror or error} "
-                          f"({free_space(output_dir.parent)} on its filesystem)") from error
+
+    write_staged(output_dir, write)
     return output_dir
 
 
@@ -225,9 +218,10 @@ def ggml_readme(source: SourceModel, output_dir: Path, quantization: str) -> str
         "`scripts/export.py --format ggml`. `parity.json`, when present, compares its transcripts with the "
         "transformers model's on the same audio.", "",
         "With whisper.cpp's command line (16-kHz WAV input):", "",
-        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -f clip.wav", "```", "",
+        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -nf -f clip.wav", "```", "",
         "From Python with pywhispercpp:", "",
         "```python", "from pywhispercpp.model import Model", "",
-        f'model = Model("{output_dir / GGML_FILE}", print_progress=False)',
+        "# Greedy, without temperature fallback or previous-text context: as the parity gate decodes.",
+        f'model = Model("{output_dir / GGML_FILE}", print_progress=False, no_context=True, temperature_inc=0.0)',
         f'print(" ".join(segment.text for segment in model.transcribe("clip.wav", language="{language}")))',
         "```", ""])

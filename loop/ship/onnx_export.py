@@ -20,13 +20,12 @@ into a graph with dynamic past length; the encoder is transformers' own module.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from loop.files import replace_dir, write_json_atomic, write_text_atomic
-from loop.ship.export import ExportError, SourceModel, check_output_dir, free_space
+from loop.files import write_json_atomic, write_text_atomic
+from loop.ship.export import ExportError, SourceModel, check_output_dir, write_staged
 
 ENCODER_FILE, DECODER_FILE, SETTINGS_FILE = "encoder.onnx", "decoder.onnx", "whisper_onnx.json"
 OPSET = 17
@@ -156,11 +155,8 @@ def export_onnx(source: SourceModel, output_dir: str | Path, *, overwrite: bool 
                           f"positions; the ONNX export takes Whisper's 30-s window ({WINDOW_POSITIONS})")
     model = load_weights(str(source.folder), attn_implementation="eager").eval()
     settings = onnx_settings(source)
-    staging = output_dir.with_name(f".tmp-{output_dir.name}")
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+
+    def write(staging: Path) -> None:
         write_graphs(model, settings, staging)
         source.processor.save_pretrained(staging)
         write_json_atomic(staging / SETTINGS_FILE, settings)
@@ -168,11 +164,8 @@ def export_onnx(source: SourceModel, output_dir: str | Path, *, overwrite: bool 
                                                     "quantization": "float32", "opset": OPSET,
                                                     "torch": torch.__version__})
         write_text_atomic(staging / "README.md", onnx_readme(source, output_dir))
-        replace_dir(staging, output_dir)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"could not write the export to {output_dir}: {error.strerror or error} "
-                          f"({free_space(output_dir.parent)} on its filesystem)") from error
+
+    write_staged(output_dir, write)
     return output_dir
 
 
