@@ -262,9 +262,10 @@ def render_model_card(results: dict, config: RunConfig, export_problems: list[st
         "## Run it in faster-whisper", "",
         *(faster_whisper_lines(repo_or_path, config, from_hub) if not export_problems else
           [f"This model does not run in faster-whisper as it is: {'; '.join(export_problems)}."]), "",
-        "## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server", "",
-        *other_runtime_lines(repo_or_path, config, from_hub), "",
     ]
+    if not export_problems:  # the same 30-s window and decoder length the other runtimes need
+        lines += ["## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server", "",
+                  *other_runtime_lines(repo_or_path, config, from_hub), ""]
     versions = results.get("versions") or {}
     if versions:
         lines += ["## Framework versions", "", *(f"- {k} {v}" for k, v in versions.items() if v), ""]
