@@ -243,7 +243,7 @@ def parity_failures(report: dict) -> list[str]:
     if report["wer_difference"] > report["wer_tolerance"]:
         return [f"{what}'s WER in {name} is {side['wer']:.2f}, {report['wer_difference']:.2f} points above the "
                 f"transformers model's {report['transformers']['wer']:.2f} (tolerance {report['wer_tolerance']:g}); "
-                "export float32, or raise --wer_tolerance"]
+                "export with lighter quantization (float32 where the format offers it), or raise --wer_tolerance"]
     return []
 
 
