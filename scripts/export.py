@@ -1,13 +1,15 @@
-"""Export a saved model to CTranslate2 for faster-whisper, then check that the export transcribes as the model does:
+"""Export a saved model for another runtime, then check that the export transcribes as the model does:
 
     python scripts/export.py --model runs/whisper-small-hi/best --quantization int8 \\
         --output_dir runs/whisper-small-hi/ct2-int8
 
-The folder loads with `faster_whisper.WhisperModel(DIR)` (tokenizer, mel bins, suppress tokens and alignment heads
-included). The parity check then transcribes --parity_clips clips of a split (--data.* options, default the shipped
-test split assets/cv-corpus-17.0-synthetic) with both models from the same waveforms and writes DIR/parity.json;
-it exits non-zero when float32 transcripts differ or a quantized export's WER is more than --wer_tolerance points
-worse. --no_parity skips it.
+--format ct2 (default) writes a CTranslate2 folder for `faster_whisper.WhisperModel(DIR)` (tokenizer, mel bins,
+suppress tokens and alignment heads included); --format ggml the model file whisper.cpp loads; --format onnx an
+encoder and a decoder for onnxruntime. The parity gate then transcribes --parity_clips clips of a split (--data.*
+options, default the shipped test split assets/cv-corpus-17.0-synthetic) with the model and with the export in its
+runtime, from the same waveforms, and writes DIR/parity.json; it exits 1 and writes DIR/FAILED when float32
+transcripts differ or another export's WER is more than --wer_tolerance points worse. --no_parity skips the gate;
+--parity_only runs it on an export already in --output_dir.
 """
 
 import argparse
@@ -21,16 +23,10 @@ from loop.data.sources import DataError
 from loop.extras import MissingExtra
 from loop.model.loading import ModelLoadError
 from loop.run.model_folder import model_folder
-from loop.ship.export import (
-    FORMATS,
-    QUANTIZATIONS,
-    ExportError,
-    export_ct2,
-    export_readme,
-    free_space,
-    read_source_model,
-)
-from loop.ship.parity import DEFAULT_CLIPS, DEFAULT_WER_TOLERANCE, PARITY_FILE, read_clips, run_parity, summary_line
+from loop.ship.export import ExportError, free_space, read_source_model
+from loop.ship.formats import DESCRIPTIONS, FORMATS, QUANTIZATIONS, export_model
+from loop.ship.parity import DEFAULT_CLIPS, DEFAULT_WER_TOLERANCE, FAILED_FILE, PARITY_FILE, read_clips, summary_line
+from loop.ship.runtimes import run_parity
 
 SHIPPED_CORPUS = "assets/cv-corpus-17.0-synthetic"
 
@@ -38,13 +34,18 @@ SHIPPED_CORPUS = "assets/cv-corpus-17.0-synthetic"
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = make_parser(__doc__, sections=("data",))
     parser.add_argument("--model", required=True, help="the model folder to export (runs/NAME/best or runs/NAME/checkpoints/step_N)")
-    parser.add_argument("--format", default="ct2", choices=FORMATS, help="ct2: CTranslate2, for faster-whisper")
-    parser.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
-                        help="how the weights are stored (default: %(default)s; int8 is about 4 times smaller)")
+    parser.add_argument("--format", default="ct2", choices=FORMATS,
+                        help="; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()))
+    every = sorted({q for offered in QUANTIZATIONS.values() for q in offered})
+    parser.add_argument("--quantization", default=None, choices=every,
+                        help="how the weights are stored (default: the first listed); " + "; ".join(
+                            f"{name}: {', '.join(offered)}" for name, offered in QUANTIZATIONS.items()))
     parser.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
     parser.add_argument("--parity_clips", type=int, default=DEFAULT_CLIPS,
                         help="clips the parity check transcribes (default: %(default)s)")
     parser.add_argument("--no_parity", action="store_true", help="skip the parity check")
+    parser.add_argument("--parity_only", action="store_true",
+                        help="export nothing: run the parity check on the export already in --output_dir")
     parser.add_argument("--wer_tolerance", type=float, default=DEFAULT_WER_TOLERANCE,
                         help="WER points a quantized export may lose against the model (default: %(default)g)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the parity check decodes")
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--output_dir is required: the folder the exported model is written to")
     if args.parity_clips < 1:
         parser.error(f"--parity_clips must be 1 or more, got {args.parity_clips} (--no_parity skips the check)")
+    args.quantization = args.quantization or QUANTIZATIONS[args.format][0]
+    if args.quantization not in QUANTIZATIONS[args.format]:
+        parser.error(f"--quantization {args.quantization} is not offered for --format {args.format}: choose one of "
+                     f"{', '.join(QUANTIZATIONS[args.format])}")
+    if args.parity_only and args.no_parity:
+        parser.error("--parity_only and --no_parity contradict each other: pass one")
     if args.wer_tolerance < 0:
         parser.error(f"--wer_tolerance must be 0 or more, got {args.wer_tolerance:g}")
     return args, overrides
@@ -76,13 +83,17 @@ def main(argv: list[str] | None = None) -> int:
             source = read_source_model(folder, label="" if folder == resolve_path(args.model) else args.model)
             if config is not None:  # the clips are read first: a split without usable clips stops before the export
                 clips = read_clips(config, source.processor, source.config.max_target_positions, args.parity_clips)
-            export_ct2(source, output_dir, args.quantization, overwrite=args.overwrite,
-                       readme=export_readme(source, output_dir, args.quantization))
-            print(f"exported {args.model} ({args.quantization}) to {output_dir}")
+            if args.parity_only:
+                if not output_dir.is_dir():
+                    raise ExportError(f"--parity_only: --output_dir {output_dir} is not a folder; export first")
+            else:
+                export_model(args.format, source, output_dir, args.quantization, overwrite=args.overwrite)
+                print(f"exported {args.model} ({args.format}, {args.quantization}) to {output_dir}")
             if config is None:
                 return 0
-            report = run_parity(source.folder, output_dir, args.quantization, clips, split=config.data.eval_split,
-                                wer_tolerance=args.wer_tolerance, device=args.device, batch_size=args.batch_size)
+            report = run_parity(source.folder, output_dir, args.quantization, clips, export_format=args.format,
+                                split=config.data.eval_split, wer_tolerance=args.wer_tolerance, device=args.device,
+                                batch_size=args.batch_size)
     except (ConfigError, DataError, ExportError, ModelLoadError, MissingExtra) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -90,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write to {output_dir}: {error.strerror or error} ({free_space(output_dir)} on its "
               "filesystem)", file=sys.stderr)
         return 2
-    print(summary_line(report))
+    if "transformers" in report:  # the runtime ran: both sides' figures
+        print(summary_line(report))
     if report["failures"]:
-        print(f"error: parity check failed: {'; '.join(report['failures'])} (details in {output_dir / PARITY_FILE})",
-              file=sys.stderr)
+        print(f"error: parity check failed: {'; '.join(report['failures'])} (details in {output_dir / PARITY_FILE}; "
+              f"{output_dir / FAILED_FILE} marks the export as failed)", file=sys.stderr)
         return 1
     print(f"parity check passed; wrote {output_dir / PARITY_FILE}")
     return 0

@@ -33,25 +33,33 @@ from transformers import (
 from loop.config import EvalConfig
 from loop.model.loading import set_generation_settings
 from loop.model.tiny import train_tokenizer, whisper_generation_config
-from tests.helpers import DECODE_MAX_LENGTH, WEIGHT_SCALE, corpus_rows
+from tests.helpers import DECODE_MAX_LENGTH, WEIGHT_SCALE, corpus_rows, load_script, reset_accelerate
 
 MULTILINGUAL_VOCAB_SIZE = 51865  # whisper-tiny ... large-v2; large-v3 has 51866
 EMPTY_TOKEN = ""  # the real multilingual vocabulary's token 50256, which CTranslate2 looks for
+WHISPER_EMPTY_ID = 50256
 WINDOW_S = 30
 
 
-def multilingual_tokenizer(folder: Path, bpe_size: int = 600) -> WhisperTokenizer:
+def multilingual_tokenizer(folder: Path, bpe_size: int = 600, whisper_ids: bool = False) -> WhisperTokenizer:
     """`loop.model.tiny`'s tokenizer laid out as a multilingual Whisper's: BPE tokens, the empty token, the special
-    tokens, then fillers to 51,865 tokens; saved in `folder` and loaded back."""
+    tokens, then fillers to 51,865 tokens; saved in `folder` and loaded back. With `whisper_ids` the fillers go
+    before the empty token instead (plain tokens no merge produces), so that every special token has the id it has
+    in the real vocabulary (<|endoftext|> 50257): whisper.cpp does not read special ids from the file, it assumes
+    them."""
     sentences = [row["text"] for split in ("train", "dev") for row in corpus_rows(split)]
     train_tokenizer(sentences, bpe_size, "hindi").save_pretrained(folder)
     path = folder / "tokenizer.json"
     layout = json.loads(path.read_text(encoding="utf-8"))
     vocab = layout["model"]["vocab"]
+    if whisper_ids:
+        for number in range(len(vocab), WHISPER_EMPTY_ID):
+            vocab[f"fill{number}"] = number
     empty_id = len(vocab)
     vocab[EMPTY_TOKEN] = empty_id
-    for token in layout["added_tokens"]:  # the special tokens move up by one, as in the real vocabulary
-        token["id"] += 1
+    shift = empty_id + 1 - min(token["id"] for token in layout["added_tokens"])
+    for token in layout["added_tokens"]:  # the special tokens follow the empty token, as in the real vocabulary
+        token["id"] += shift
     next_id = max(token["id"] for token in layout["added_tokens"]) + 1
     filler = dict(layout["added_tokens"][-1])
     for number, token_id in enumerate(range(next_id, MULTILINGUAL_VOCAB_SIZE)):
@@ -62,13 +70,20 @@ def multilingual_tokenizer(folder: Path, bpe_size: int = 600) -> WhisperTokenize
     return tokenizer
 
 
+def bpe_count(tokenizer) -> int:
+    """Tokens before the first filler of a `whisper_ids` tokenizer (all of them without fillers)."""
+    vocab = tokenizer.get_vocab()
+    return min((index for token, index in vocab.items() if token.startswith("fill")), default=len(vocab))
+
+
 def build_multilingual_tiny_whisper(folder: str | Path, *, num_mel_bins: int = 80, d_model: int = 64,
-                                    layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+                                    layers: int = 2, heads: int = 2, seed: int = 0, whisper_ids: bool = False) -> Path:
     """Writes a random 30-s-window Whisper with `num_mel_bins` mel bins (80; 128 as large-v3) and a multilingual
-    vocabulary to `folder`, saved the way the loop saves best/; returns the folder."""
+    vocabulary to `folder` (with `whisper_ids`, its special tokens at the real vocabulary's ids, as whisper.cpp
+    needs), saved the way the loop saves best/; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = multilingual_tokenizer(folder)
+    tokenizer = multilingual_tokenizer(folder, whisper_ids=whisper_ids)
     ids = tokenizer.convert_tokens_to_ids
     end = ids("<|endoftext|>")
     feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=WINDOW_S)
@@ -85,6 +100,9 @@ def build_multilingual_tiny_whisper(folder: str | Path, *, num_mel_bins: int = 8
         for name, parameter in model.named_parameters():
             if parameter.dim() > 1 and "layer_norm" not in name and "embed_positions" not in name:
                 parameter.mul_(WEIGHT_SCALE)
+    if whisper_ids:  # the fillers' output logits are 0, below the best real token's: no runtime picks them
+        with torch.no_grad():
+            model.model.decoder.embed_tokens.weight[bpe_count(tokenizer):WHISPER_EMPTY_ID] = 0
     model.generation_config = whisper_generation_config(tokenizer, max_length=DECODE_MAX_LENGTH)
     set_generation_settings(model, "hindi", "transcribe", EvalConfig(generation_max_length=DECODE_MAX_LENGTH))
     not_text = set(range(ids("<|endoftext|>") - 1, len(tokenizer)))  # the empty token and everything after it
@@ -92,3 +110,11 @@ def build_multilingual_tiny_whisper(folder: str | Path, *, num_mel_bins: int = 8
     model.save_pretrained(folder)
     WhisperProcessor(feature_extractor, tokenizer).save_pretrained(folder)
     return folder
+
+
+def run_export(*argv) -> int:
+    """scripts/export.py's main() in-process on `argv` (paths and numbers as they are); its exit status."""
+    try:
+        return load_script("export").main([str(a) for a in argv])
+    finally:
+        reset_accelerate()

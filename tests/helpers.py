@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -140,3 +141,16 @@ def child_env(threads: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a script run as a child process: this checkout's `loop` first on the path (not the
     editable install's), `threads` OpenMP threads per process, and `extra` variables."""
     return {**os.environ, "PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": str(threads), **extra}
+
+
+def docs_snippet(page: str, marker: str, replacements: dict[str, str]) -> str:
+    """The fenced code block of docs/`page` that contains `marker`, with each key of `replacements` (a path or URL
+    the page uses as an example) replaced by its value, so a test runs the block as the page shows it."""
+    text = (PROJECT / "docs" / page).read_text(encoding="utf-8")
+    blocks = [block for block in re.findall(r"```\w*\n(.*?)```", text, re.DOTALL) if marker in block]
+    assert len(blocks) == 1, f"docs/{page}: {len(blocks)} code blocks contain {marker!r}"
+    snippet = blocks[0]
+    for old, new in replacements.items():
+        assert old in snippet, f"docs/{page}: the block with {marker!r} no longer names {old!r}"
+        snippet = snippet.replace(old, new)
+    return snippet

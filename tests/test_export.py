@@ -18,19 +18,13 @@ import pytest
 
 from loop.config.loading import load_config
 from loop.data.audio import decode_audio
-from loop.ship.parity import read_clips, run_parity
-from tests.export_models import build_multilingual_tiny_whisper
-from tests.helpers import CORPUS, child_env, corpus_rows, load_script, reset_accelerate
+from loop.ship.parity import read_clips
+from loop.ship.runtimes import run_parity
+from tests.export_models import build_multilingual_tiny_whisper, run_export
+from tests.helpers import CORPUS, child_env, corpus_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLIPS = 4  # of the shipped test split, the first in its TSV order
-
-
-def run_export(*argv) -> int:
-    try:
-        return load_script("export").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +74,10 @@ def test_float32_parity_is_exact(float32_export):
     _, output = float32_export
     report = read_json(output / "parity.json")
     assert report["quantization"] == "float32" and report["split"] == "test" and report["num_clips"] == CLIPS
-    assert report["failures"] == []
+    assert report["failures"] == [] and report["passed"] and report["exact"]
+    assert not (output / "FAILED").exists()
     transformers, exported = report["transformers"], report["faster_whisper"]
+    assert set(exported["hallucination"]) >= {"insertion_rate", "loop_share", "empty_share"}
     assert exported["identical"] == CLIPS and exported["identical_share"] == 1.0
     assert exported["wer"] == transformers["wer"] and exported["cer"] == transformers["cer"]
     assert report["wer_difference"] == 0.0 and transformers["wer"] > 0
@@ -116,10 +112,10 @@ def test_a_quantized_export_over_the_tolerance_fails(float32_export):
     from loop.ship.parity import parity_failures
 
     report = read_json(float32_export[1] / "parity.json")
-    worse = {**report, "quantization": "int8", "wer_tolerance": 2.0, "wer_difference": 2.5,
+    worse = {**report, "quantization": "int8", "exact": False, "wer_tolerance": 2.0, "wer_difference": 2.5,
              "faster_whisper": {**report["faster_whisper"], "wer": report["transformers"]["wer"] + 2.5}}
     (failure,) = parity_failures(worse)
-    assert "int8 export's WER" in failure and "2.50 points above" in failure and "tolerance 2" in failure
+    assert "int8 ct2 export's WER in faster_whisper" in failure and "2.50 points above" in failure and "tolerance 2" in failure
     assert parity_failures({**worse, "wer_difference": 2.0}) == []
 
 
@@ -134,8 +130,30 @@ def test_parity_fails_loudly_when_the_export_is_another_model(float32_export, ca
     clips = read_clips(config, source.processor, source.config.max_target_positions, 2)
     report = run_parity(other, export, "float32", clips, split="test")
     (failure,) = report["failures"]
-    assert re.search(r"the float32 export transcribes [12] of 2 clips differently from the transformers model", failure)
+    assert re.search(r"the float32 ct2 export transcribes [12] of 2 clips differently from the transformers model",
+                     failure)
     assert read_json(export / "parity.json")["failures"] == [failure]
+    assert read_json(export / "parity.json")["passed"] is False
+    assert failure in (export / "FAILED").read_text(encoding="utf-8")
+
+
+def test_a_broken_export_fails_the_gate_and_is_marked(float32_export, model_dir, cache_dir, tmp_path, capsys):
+    """--parity_only re-checks an export in place: one whose weights file was cut short cannot be run, so the gate
+    fails with faster-whisper's error, exits 1 and leaves FAILED beside parity.json."""
+    export = shutil.copytree(float32_export[1], tmp_path / "export")
+    weights = export / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert run_export("--model", model_dir, "--output_dir", export, "--parity_only", "--parity_clips", 2,
+                      f"--data.cache_dir={cache_dir}") == 1
+    assert "cannot be run by faster_whisper" in error_line(capsys)
+    report = read_json(export / "parity.json")
+    assert report["passed"] is False and report["failures"][0].startswith("the float32 ct2 export cannot be run")
+    assert "the parity gate failed" in (export / "FAILED").read_text(encoding="utf-8")
+    # The intact export passes the same command, and the stale marker goes.
+    shutil.copy(float32_export[1] / "model.bin", weights)
+    assert run_export("--model", model_dir, "--output_dir", export, "--parity_only", "--parity_clips", 2,
+                      f"--data.cache_dir={cache_dir}") == 0
+    assert read_json(export / "parity.json")["passed"] and not (export / "FAILED").exists()
 
 
 def test_a_128_mel_model_exports_with_128_mel_bins(cache_dir, tmp_path):
@@ -284,3 +302,7 @@ def test_the_model_card_tells_how_to_export(model_dir, tmp_path):
     assert "hf download me/whisper-hi --local-dir whisper-hi" in section
     assert "python scripts/export.py --model whisper-hi --quantization int8 --output_dir whisper-hi-ct2-int8" in section
     assert 'WhisperModel("whisper-hi-ct2-int8")' in section and "soxr.resample" in section
+    others = text.split("## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server")[1]
+    assert "python scripts/export.py --model whisper-hi --format ggml --quantization q8_0" in others
+    assert "whisper-cli -m whisper-hi-ggml/ggml-model.bin -l hi -nf -f clip.wav" in others
+    assert "--format onnx --output_dir whisper-hi-onnx" in others and "python scripts/serve.py --model whisper-hi" in others

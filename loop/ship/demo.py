@@ -21,10 +21,9 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
 import numpy as np  # noqa: E402
-import soundfile  # noqa: E402
 from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: E402
 
-from loop.data.audio import SAMPLE_RATE, AudioError, as_cached, decode_audio  # noqa: E402
+from loop.data.audio import SAMPLE_RATE, as_cached  # noqa: E402
 from loop.eval.long_form import transcribe_long  # noqa: E402
 from loop.extras import require  # noqa: E402
 from loop.languages import language_code  # noqa: E402
@@ -34,6 +33,7 @@ from loop.model.features import LogMel, pad_waveforms  # noqa: E402
 from loop.model.loading import load_companion  # noqa: E402
 from loop.run.model_folder import load_inference_model  # noqa: E402
 from loop.ship.demo_sources import card_name, example_clips, wav_header_note  # noqa: E402
+from loop.ship.uploads import AudioInputError, read_audio  # noqa: E402
 
 gr = require("gradio", "demo", "the demo")
 
@@ -50,9 +50,7 @@ LONG_FORM = (
 )
 
 
-class DemoInputError(ValueError):
-    """Audio the demo cannot transcribe; the message is shown to the user as it is."""
-
+DemoInputError = AudioInputError  # audio the demo cannot transcribe; the message is shown to the user as it is
 
 class Transcriber:
     """A saved model and its processor, decoding one file at a time as the model folder says (language and task
@@ -103,36 +101,9 @@ class Transcriber:
         return text, time.perf_counter() - started
 
     def load_audio(self, path: str | Path | None) -> np.ndarray:
-        """The file as 16-kHz mono samples, or a DemoInputError saying what is wrong with it. The duration is
-        checked from the header first, so a file of hours is refused without decoding it into memory."""
-        if not path:
-            raise DemoInputError("No audio: record something with the microphone or upload a file first.")
-        try:
-            claimed = soundfile.info(str(path)).duration
-        except RuntimeError:  # LibsndfileError: not a format it knows, or a broken header; decode_audio says which
-            claimed = 0.0
-        if claimed > self.max_duration_s:
-            raise self.too_long(claimed)
-        try:
-            waveform = decode_audio(path)
-        except AudioError as error:
-            if error.reason == "empty_audio":
-                raise DemoInputError(
-                    f"{Path(path).name} is an empty recording (no samples): record again, or upload another file."
-                ) from error
-            raise DemoInputError(
-                f"{Path(path).name} cannot be read as audio ({error.reason}): upload a WAV, MP3, FLAC or OGG file."
-            ) from error
-        duration = len(waveform) / SAMPLE_RATE
-        if duration > self.max_duration_s:
-            raise self.too_long(duration)
-        return waveform
-
-    def too_long(self, duration: float) -> DemoInputError:
-        return DemoInputError(
-            f"The audio is {duration:.0f} s long; this demo transcribes at most {self.max_duration_s:g} s "
-            "(--max_duration_s). Cut it into shorter pieces."
-        )
+        """The file as 16-kHz mono samples, or a DemoInputError saying what is wrong with it
+        (`loop.ship.uploads.read_audio`, the checks the server makes too)."""
+        return read_audio(path, self.max_duration_s)
 
     # Gradio finds the progress bar by this default value, its documented idiom.
     def handle(self, path: str | None, language: str, task: str,

@@ -25,6 +25,7 @@ has none of them, so it does not export.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,25 @@ def free_space(path: Path) -> str:
         return "free space unknown"
 
 
+def write_staged(output_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Runs `write(staging)` on an empty sibling folder of `output_dir`, then moves it into place: an interrupted
+    export leaves no half folder behind. A failed write (a full disk) is an ExportError naming the folder and the
+    free space; the staging folder is removed."""
+    staging = output_dir.with_name(f".tmp-{output_dir.name}")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write(staging)
+        replace_dir(staging, output_dir)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"could not write the export to {output_dir}: {error.strerror or error} "
+                          f"({free_space(output_dir.parent)} on its filesystem); free some space or choose another "
+                          "--output_dir") from error
+    return output_dir
+
+
 def export_ct2(source: SourceModel, output_dir: str | Path, quantization: str, *, overwrite: bool = False,
                readme: str | None = None) -> Path:
     """Converts `source` into `output_dir` with weights stored as `quantization`, staged in a sibling folder and
@@ -166,22 +186,16 @@ def export_ct2(source: SourceModel, output_dir: str | Path, quantization: str, *
     problems = faster_whisper_problems(source)
     if problems:
         raise ExportError(f"--model {source.name} cannot be exported for faster-whisper: {'; '.join(problems)}")
-    staging = output_dir.with_name(f".tmp-{output_dir.name}")
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write(staging: Path) -> None:
         converter = TransformersConverter(str(source.folder), copy_files=list(COPIED_FILES))
         converter.convert(str(staging), quantization=quantization, force=True)
         write_json_atomic(staging / PREPROCESSOR_FILE, preprocessor_settings(source))
         write_json_atomic(staging / EXPORT_INFO_FILE, export_info(source, quantization))
         if readme is not None:
             write_text_atomic(staging / "README.md", readme)
-        replace_dir(staging, output_dir)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"could not write the export to {output_dir}: {error.strerror or error} "
-                          f"({free_space(output_dir.parent)} on its filesystem); free some space or choose another "
-                          "--output_dir") from error
+
+    write_staged(output_dir, write)
     return output_dir
 
 

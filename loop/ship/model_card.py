@@ -221,6 +221,24 @@ def faster_whisper_lines(repo_or_path: str, config: RunConfig, from_hub: bool) -
                                           config.eval.generation_num_beams)
 
 
+def other_runtime_lines(repo_or_path: str, config: RunConfig, from_hub: bool) -> list[str]:
+    """How to run the model in whisper.cpp, in onnxruntime, and behind OpenAI's transcription API, with
+    whisper-loop's scripts (each export passes the same parity gate as the faster-whisper one)."""
+    name = model_name(config)
+    source = name if from_hub else repo_or_path  # the exports read a local folder (downloaded as above)
+    return [
+        "```bash",
+        f"python scripts/export.py --model {source} --format ggml --quantization q8_0 --output_dir {name}-ggml",
+        f"whisper-cli -m {name}-ggml/ggml-model.bin -l {language_code(config.model.language)} -nf -f clip.wav",
+        f"python scripts/export.py --model {source} --format onnx --output_dir {name}-onnx",
+        f"python scripts/serve.py --model {source} --port 8000  # POST /v1/audio/transcriptions",
+        "```", "",
+        "Each export transcribes the test clips again and writes `parity.json`, failing (and leaving a `FAILED` "
+        "file) when its transcripts disagree with this model's more than its weights explain; whisper-loop's "
+        "docs/export-formats.md describes the files.",
+    ]
+
+
 def render_model_card(results: dict, config: RunConfig, export_problems: list[str] | None = None) -> str:
     """The card's text. `export_problems` (`loop.ship.export.faster_whisper_problems` of the model) replace the
     faster-whisper section's commands by the reasons the model does not export."""
@@ -245,6 +263,9 @@ def render_model_card(results: dict, config: RunConfig, export_problems: list[st
         *(faster_whisper_lines(repo_or_path, config, from_hub) if not export_problems else
           [f"This model does not run in faster-whisper as it is: {'; '.join(export_problems)}."]), "",
     ]
+    if not export_problems:  # the same 30-s window and decoder length the other runtimes need
+        lines += ["## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server", "",
+                  *other_runtime_lines(repo_or_path, config, from_hub), ""]
     versions = results.get("versions") or {}
     if versions:
         lines += ["## Framework versions", "", *(f"- {k} {v}" for k, v in versions.items() if v), ""]
