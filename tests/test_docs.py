@@ -31,7 +31,7 @@ TEST_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
 OPTION = re.compile(r"--(%s)\.([\w.]+)" % "|".join(SECTIONS))
 # A code span that is exactly an option, e.g. `model.lora_rank` or `data.pack_to_seconds: 30`.
 BARE_OPTION = re.compile(r"^(%s)\.([\w.]+)(?:\s*[:=].*)?$" % "|".join(SECTIONS), re.S)
-FILE_SUFFIXES = {"py", "json", "jsonl", "yaml", "yml", "md", "txt", "sh", "html", "csv", "tsv", "log"}  # `train.py`
+FILE_SUFFIXES = {"py", "json", "jsonl", "yaml", "yml", "md", "txt", "sh", "html", "csv", "tsv", "log", "bin", "safetensors", "onnx", "png", "arrow"}  # `train.py`
 
 
 def code_parts(text: str) -> list[str]:
