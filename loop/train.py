@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from loop.data.augment import Augmenter, step_generator
 from loop.data.loaders import eval_dataloader, train_dataloader
 from loop.data.no_speech import allow_empty_transcripts
 from loop.data.splits import PreparedData, build_datasets
+from loop.data.streaming import StreamLoader, merged_skips, stream_loader
 from loop.eval.evaluation import EvalResult, evaluate
 from loop.eval.guard_sets import (
     PreparedGuardSet,
@@ -127,7 +128,7 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
         guards = build_guard_sets(config, processor, model.config.max_target_positions)
     if accelerator.is_main_process:
         data.write_report(config.output_dir)
-    train_loader, selection_loader, test_loader = get_dataloaders(config, data, model)
+    train_loader, selection_loader, test_loader = get_dataloaders(config, data, model, accelerator)
     attach_loaders(guards, config, model.config.decoder_start_token_id, accelerator)
     optimizer = build_optimizer(model, config.train)
     scheduler = get_lr_scheduler(optimizer, config.train.warmup_steps, config.train.max_steps)
@@ -144,6 +145,8 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
         accelerator.print(trainable_summary(model))
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
+        if isinstance(train_loader, StreamLoader):  # each process goes on from its own place in the shards
+            train_loader.load_state_dict(state.streams)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif config.train.resume:
         accelerator.print(f"no checkpoint in {config.output_dir}/checkpoints: starting from step 0")
@@ -162,11 +165,14 @@ def setup(config: RunConfig, trackers: tuple = ()) -> Run:
                test_loader, data, state, log_mel, augmenter, guards, ema, distillation)
 
 
-def get_dataloaders(config: RunConfig, data: PreparedData, model) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (seeded shuffle), selection and test (longest first) loaders over the prepared tables."""
+def get_dataloaders(config: RunConfig, data: PreparedData, model, accelerator=None) -> tuple:
+    """Train (seeded shuffle), selection and test (longest first) loaders over the prepared tables; with
+    `data.streaming`, the training rows are streamed from the shards (a `StreamLoader`, which splits them over the
+    processes itself and is not given to `accelerator.prepare`)."""
     start, workers = model.config.decoder_start_token_id, config.train.dataloader_num_workers
     eval_batch = config.eval.per_device_eval_batch_size
     return (
+        stream_loader(config, data.stream, start, accelerator) if data.stream else
         train_dataloader(data.train, config.train.per_device_train_batch_size, config.train.seed, start, workers,
                          group_by_length=config.train.group_by_length, parts=data.train_parts),
         eval_dataloader(data.selection, eval_batch, start, workers),
@@ -189,13 +195,13 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
             with ema_weights(run.ema, run.model):
                 run_selection_eval(run)
         if fresh and state.step > 0 and (last_step or state.step % t.save_steps == 0):
-            save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
+            save(run)
         if last_step:
             break
         if stop is not None and agreed_stop(accelerator, stop, state.step):
             return stop_and_save(run, stop.signal_name or "SIGTERM", resumed_at)
         if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-            save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=t.save_total_limit)
+            save(run)
             raise FloatingPointError(
                 f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
                 f"(step {state.step}); saved a checkpoint. Lower train.learning_rate or use bf16 instead of fp16."
@@ -216,6 +222,18 @@ def fit(run: Run, stop: StopRequested | None = None) -> str:
     return ""
 
 
+def save(run: Run) -> None:
+    """A checkpoint of the run now; with streamed shards, with every process's place in them and the rows each
+    skipped (merged into data_report.json)."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    if isinstance(run.train_loader, StreamLoader):
+        state.streams = gather_object([run.train_loader.state_dict()])
+        run.data.stream_skips = merged_skips(state.streams)
+        if accelerator.is_main_process:
+            run.data.write_report(config.output_dir)
+    save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=config.train.save_total_limit)
+
+
 def out_of_memory_advice(config: RunConfig) -> str:
     t = config.train
     return (
@@ -231,6 +249,10 @@ def endless_batches(run: Run):
     """Yields training micro-batches across epochs, keeping `state.epoch` and `state.batches_in_epoch` current;
     on resume it starts at the exact batch: same seeded order for the epoch, the consumed batches skipped."""
     state, loader = run.state, run.train_loader
+    if isinstance(loader, StreamLoader):  # streamed shards: the loader keeps its own place (loop/data/streaming.py)
+        for batch in loader:
+            state.epoch = loader.position.epoch
+            yield batch
     while True:
         loader.set_epoch(state.epoch)
         skipped = run.accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
@@ -326,7 +348,7 @@ def stop_and_save(run: Run, signal_name: str, resumed_at: int | None) -> str:
     """After a SIGTERM/SIGINT: save at the current step boundary, say how to resume, and return."""
     config, accelerator, state = run.config, run.accelerator, run.state
     if state.step != resumed_at:
-        save_checkpoint(accelerator, config.output_dir, state, to_dict(config), keep=config.train.save_total_limit)
+        save(run)
     accelerator.print(
         f"{signal_name} received: saved step {state.step} in {config.output_dir}/checkpoints. "
         f"Resume with the same command plus --train.resume=true"

@@ -88,6 +88,8 @@ def source_problems(prefix: str, source: str, path: str, dataset_name: str, sour
         return [] if dataset_name else [f"{prefix}.dataset_name is required for {source_option}=hub{hub_hint}"]
     if not path:
         return [f"{prefix}.path is required for {source_option}={source}"]
+    if source == "shards" and "://" in path:  # a URL: read (and checked) when the run opens its index
+        return []
     return [] if resolve_path(path).exists() else [f"{prefix}.path {path!r} does not exist"]
 
 
@@ -110,6 +112,9 @@ def _guard_set_problems(config: RunConfig) -> list[str]:
         problems += (_language_problems(guard.language, f"{option}.language") if guard.language
                      else [f"{option}.language is required (decoding is forced to it)"])
         problems += source_problems(option, guard.source, guard.path, guard.dataset_name)
+        if guard.source == "shards":
+            problems.append(f"{option}.source=shards: a guard set is read as utterances (common_voice, manifest or "
+                            "hub), not as prepared shards")
     return problems
 
 
@@ -133,10 +138,29 @@ def data_mix_problems(config: RunConfig) -> list[str]:
             problems.append(f"{where}.train_splits must name at least one split")
         if entry.language:
             problems += _language_problems(entry.language, f"{where}.language")
+    problems += streaming_problems(config)
     total = sum(entry.weight for entry in d.mix)
     if d.mix and total >= 1:
         problems.append(f"data.mix weights sum to {total:g}: they are shares of each epoch's rows, and the data "
                         "source needs the rest; keep their sum below 1")
+    return problems
+
+
+def streaming_problems(config: RunConfig) -> list[str]:
+    """`data.streaming` streams shards, and only what shards hold: no rows added or cut at run time."""
+    d = config.data
+    if not d.streaming:
+        return []
+    fix = "write the shards with scripts/prepare_data.py --shards"
+    problems = [] if d.source == "shards" else [f"data.streaming needs data.source=shards, got {d.source}: {fix}"]
+    problems += [f"data.mix[{i}] ({entry.name}): data.streaming mixes shard folders only, got source={entry.source}: "
+                 f"{fix} (with that source as data.source and its language as model.language)"
+                 for i, entry in enumerate(d.mix) if entry.source != "shards"]
+    if d.no_speech_fraction > 0:
+        problems.append("data.no_speech_fraction is not available with data.streaming: it adds rows to a prepared "
+                        "table; set it to 0")
+    if d.max_train_samples:
+        problems.append("data.max_train_samples is not available with data.streaming: write fewer rows as shards")
     return problems
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from loop.config.types import AtLeastOne, MixedPrecision, NotNegative, Pattern, Probability, Range, Share
 
-SourceKind = Literal["common_voice", "hub", "manifest"]
+SourceKind = Literal["common_voice", "hub", "manifest", "shards"]
 
 
 @dataclass
@@ -22,10 +22,12 @@ class SourceConfig:
     share, so `loop.data.sources` reads any of them the same way."""
 
     source: SourceKind = "common_voice"
-    """Where utterances come from: `common_voice` (an extracted release folder), `hub` (a Hugging Face dataset) or
-    `manifest` (CSV/TSV/JSONL files named `<split>.<ext>` in `path`)."""
+    """Where utterances come from: `common_voice` (an extracted release folder), `hub` (a Hugging Face dataset),
+    `manifest` (CSV/TSV/JSONL files named `<split>.<ext>` in `path`) or `shards` (rows prepared once by
+    `scripts/prepare_data.py --shards`, in a folder or at an fsspec URL: docs/data.md)."""
     path: str = ""
-    """Common Voice: the `cv-corpus-*` root or its `<locale>/` folder. Manifest: the folder (or one file) of manifests."""
+    """Common Voice: the `cv-corpus-*` root or its `<locale>/` folder. Manifest: the folder (or one file) of
+    manifests. Shards: the folder or URL (`s3://`, `gs://`, `hf://`, `https://`) holding `train/`, `test/`, ..."""
     locale: str = ""
     """Common Voice locale folder to use when `path` is a release root holding several (empty: the language's
     code)."""
@@ -117,6 +119,16 @@ class DataConfig(SourceConfig):
     no_speech_dir: str = ""
     """Folder of noise clips (searched recursively) for the no-speech rows, each row an excerpt of random length;
     empty: generated digital silence and quiet white or pink noise."""
+    streaming: bool = False
+    """With `source: shards`: stream the training rows from the shards during training (no copy of the corpus on
+    local disk; each process and DataLoader worker reads its own windows) instead of reading them all first."""
+    shuffle_buffer: AtLeastOne = 256
+    """Streaming: rows of the data source per window, the unit that is read, shuffled (or length-grouped) and
+    batched; a window's audio is held in memory (about 1 MB per row of 30 s), one per DataLoader worker and one in
+    use."""
+    verify_shards: bool = True
+    """Check each shard's SHA-256 against its index before reading it (one extra read of the file per reader);
+    turn off for remote shards where that costs too much: sizes and Parquet's page checksums are still checked."""
     mix: list[MixSource] = field(default_factory=list)
     """More sources of training rows, each with its share of every epoch (YAML: a list of mappings with the
     `MixSource` fields; command line: a YAML flow list, `--data.mix='[{name: en, weight: 0.2, path: ...}]'`)."""

@@ -38,19 +38,24 @@ class Rows(torch.utils.data.Dataset):
     def __getitems__(self, positions: list[int]) -> list[dict]:
         """A whole batch in one Arrow read (the DataLoader calls this instead of `__getitem__` once per row)."""
         indices = [self.order[position] for position in positions]
-        batch = self.table[indices]
-        rows = [{"index": index} for index in indices]
-        for name in self.COLUMNS:
-            column = batch.column(name).combine_chunks()
-            if pa.types.is_list(column.type):
-                offsets = column.offsets.to_numpy()
-                values = column.flatten().to_numpy(zero_copy_only=False)
-                for row, start, end in zip(rows, offsets[:-1] - offsets[0], offsets[1:] - offsets[0]):
-                    row[name] = values[start:end]
-            else:
-                for row, value in zip(rows, column.to_numpy(zero_copy_only=False)):
-                    row[name] = value
-        return rows
+        return arrow_rows(self.table[indices], indices, self.COLUMNS)
+
+
+def arrow_rows(batch: pa.Table, indices: list[int], columns: list[str]) -> list[dict]:
+    """The rows of an Arrow table as dicts of `columns` plus `index` (from `indices`), list columns as NumPy views
+    of their stored type."""
+    rows = [{"index": index} for index in indices]
+    for name in columns:
+        column = batch.column(name).combine_chunks()
+        if pa.types.is_list(column.type):
+            offsets = column.offsets.to_numpy()
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            for row, start, end in zip(rows, offsets[:-1] - offsets[0], offsets[1:] - offsets[0]):
+                row[name] = values[start:end]
+        else:
+            for row, value in zip(rows, column.to_numpy(zero_copy_only=False)):
+                row[name] = value
+    return rows
 
 
 def longest_first(table: datasets.Dataset) -> list[int]:

@@ -20,6 +20,7 @@ import datasets
 
 from loop.config import MixSource, RunConfig, source_of
 from loop.data.prepare import SplitReport, prepare
+from loop.data.shards import check_settings, join, read_index, read_split
 from loop.data.sources import DataError, SkipLog, load_utterances, split_location
 from loop.languages import language_code
 
@@ -45,9 +46,19 @@ def tokenizer_for(tokenizer, language: str):
     return copied
 
 
+def entry_tokenizer(tokenizer, entry: MixSource, config: RunConfig):
+    """The tokenizer whose label prefix a `data.mix` entry's rows carry: its own language's."""
+    return tokenizer_for(tokenizer, entry.language or config.model.language)
+
+
 def prepare_mixed_source(config: RunConfig, entry: MixSource, processor, settings: dict) -> tuple[datasets.Dataset, SplitReport]:
     """One `data.mix` entry's training splits, read, capped at `max_samples` and prepared (packed as the data
-    source's rows are) with its language's label prefix; its report is `train.<name>`."""
+    source's rows are) with its language's label prefix; its report is `train.<name>`. A shard folder's
+    training rows were prepared when written: they are read whole."""
+    if entry.source == "shards":
+        index = read_index(join(entry.path, "train"))
+        check_settings(index, entry_tokenizer(processor.tokenizer, entry, config))
+        return read_split(index, config.data.verify_shards), SplitReport.from_dict(f"train.{entry.name}", index.report)
     language = entry.language or config.model.language
     source = source_of(entry, locale=entry.locale or language_code(language))
     report = SplitReport(f"train.{entry.name}", skips=SkipLog(config.data.strict))
@@ -56,7 +67,7 @@ def prepare_mixed_source(config: RunConfig, entry: MixSource, processor, setting
     report.read = sum(report.skips.counts.values())
     if entry.max_samples:
         rows = rows.select(range(min(entry.max_samples, len(rows))))
-    table = prepare(rows, processor.feature_extractor, tokenizer_for(processor.tokenizer, language), report,
+    table = prepare(rows, processor.feature_extractor, entry_tokenizer(processor.tokenizer, entry, config), report,
                     pack_to_seconds=config.data.pack_to_seconds, **settings)
     if len(table) == 0:
         where = ", ".join(split_location(source, split) for split in entry.train_splits)

@@ -45,7 +45,7 @@ from loop.data.timestamp_labels import (
     TimestampTokens,
 )
 
-PREP_VERSION = 6  # bump when _prepare_batch changes what it writes, so old caches are not reused
+PREP_VERSION = 6  # bump when prepare_batch changes what it writes, so old caches are not reused
 DEFAULT_CACHE_DIR = Path("~/.cache/whisper-loop").expanduser()
 PREPARED_FEATURES = datasets.Features(  # what `prepare` writes; `loop.data.no_speech` writes the same columns
     {
@@ -99,6 +99,24 @@ class SplitReport:
                 **self.skips.as_dict(), **(flagged if self.implausible else {}),
                 **(cache if self.cache_bytes and self.audio_seconds else {})}
 
+    @classmethod
+    def from_dict(cls, name: str, values: dict) -> SplitReport:
+        """The report `as_dict` wrote (a shard folder's index keeps its split's)."""
+        report = cls(name, read=values.get("read", 0), kept=values.get("kept", 0), windows=values.get("windows", 0),
+                     implausible=values.get("implausible", 0), no_speech=values.get("no_speech", 0),
+                     implausible_messages=list(values.get("implausible_messages", [])),
+                     timestamped=values.get("timestamped", 0))
+        report.skips.merge(values)
+        return report
+
+    def add(self, other: SplitReport) -> None:
+        """Adds the counts of another part of the split (a shard's) to this report."""
+        for name in ("read", "kept", "windows", "implausible", "no_speech", "timestamped", "audio_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        room = MAX_MESSAGES_PER_REASON - len(self.implausible_messages)
+        self.implausible_messages += other.implausible_messages[:max(0, room)]
+        self.skips.merge(other.skips.as_dict())
+
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skips.counts.items())) or "none"
         examples = [f"\n    {message}" for messages in self.skips.messages.values() for message in messages[:3]]
@@ -110,7 +128,7 @@ class SplitReport:
                 + "".join(examples))
 
 
-def _prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
+def prepare_batch(batch, tokenizer, checks: RowChecks, strict: bool,
                    pack_to_seconds: float = 0.0, timestamps: TimestampSettings = NO_TIMESTAMPS) -> dict:
     """Batched map function: one pass over a map batch; bad rows get a `skip_reason` and no audio. With
     `pack_to_seconds` the usable rows come back packed (fewer rows), each bad row as it was; with a timestamp
@@ -172,7 +190,7 @@ def prepare(
     pack_to_seconds = min(pack_to_seconds, feature_extractor.chunk_length)
     if timestamps.fraction > 0:
         TimestampTokens(tokenizer)  # a tokenizer without them fails here, before any audio is decoded
-    fingerprint = _fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds, timestamps)
+    fingerprint = preparation_fingerprint(utterances, feature_extractor, tokenizer, checks, pack_to_seconds, timestamps)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = PREPARED_FEATURES
@@ -180,7 +198,7 @@ def prepare(
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     prepared = cached_map(
         utterances,
-        _prepare_batch,
+        prepare_batch,
         cache_dir,
         f"{report.name}-{fingerprint}",
         fingerprint,
@@ -198,24 +216,31 @@ def prepare(
         features=features,
         desc=f"preparing {report.name}",
     )
-    reasons, counts = prepared["skip_reason"], prepared["utterances"]
+    reasons = prepared["skip_reason"]
     bad = [i for i, reason in enumerate(reasons) if reason]
-    for index, message in zip(bad, prepared.select(bad)["skip_message"]):
-        report.skips.add(reasons[index], message)
-    report.read += sum(counts)
-    report.kept = sum(counts) - len(bad)  # a skipped row is one utterance
-    kept = [i for i, reason in enumerate(reasons) if not reason]
-    report.windows = len(kept) if pack_to_seconds else 0
-    table = prepared.select(kept)
+    table = prepared.select([i for i, reason in enumerate(reasons) if not reason])
+    tally(report, reasons, prepared["utterances"], prepared.select(bad)["skip_message"], table, packed=pack_to_seconds > 0)
     report.cache_bytes = sum(os.path.getsize(f["filename"]) for f in prepared.cache_files)
-    report.audio_seconds = float(sum(table["duration"]))
-    report.timestamped = sum(table["timestamped"])
-    flags = [flag for flag in table["implausible"] if flag]
-    report.implausible, report.implausible_messages = len(flags), flags[:MAX_MESSAGES_PER_REASON]
     return table
 
 
-def _fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, checks: RowChecks,
+def tally(report: SplitReport, reasons: list[str], utterances: list[int], messages: list[str], kept, packed: bool) -> None:
+    """Adds prepared rows to `report`: `reasons` and `utterances` of every row, the skip `messages` of the skipped
+    ones in order, and `kept` (the usable rows' columns: `duration`, `timestamped`, `implausible`)."""
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    for index, message in zip(bad, messages):
+        report.skips.add(reasons[index], message)
+    report.read += sum(utterances)
+    report.kept += sum(utterances) - len(bad)  # a skipped row is one utterance
+    report.windows += len(reasons) - len(bad) if packed else 0
+    report.audio_seconds += float(sum(kept["duration"]))
+    report.timestamped += sum(kept["timestamped"])
+    flags = [flag for flag in kept["implausible"] if flag]
+    report.implausible += len(flags)
+    report.implausible_messages += flags[:MAX_MESSAGES_PER_REASON - len(report.implausible_messages)]
+
+
+def preparation_fingerprint(utterances: datasets.Dataset, feature_extractor, tokenizer, checks: RowChecks,
                  pack_to_seconds: float, timestamps: TimestampSettings) -> str:
     """A hash of everything that decides the prepared data: rows, the clips' sizes and times, and the settings."""
     digest = hashlib.sha256()

@@ -26,15 +26,16 @@ MIN_GROUPS = 4  # ... and at least four groups per epoch, so a small set still g
 
 
 def length_grouped_batches(durations, batch_size: int, seed: int, epoch: int,
-                           batches_per_group: int = BATCHES_PER_GROUP) -> list[list[int]]:
+                           batches_per_group: int = BATCHES_PER_GROUP, key: tuple[int, ...] = ()) -> list[list[int]]:
     """Row indices of `durations` in batches of `batch_size` (the last one shorter when the rows do not divide):
     shuffled, grouped by `batches_per_group` batches (fewer when the epoch has under `MIN_GROUPS` groups of that
     size; a group as large as the epoch would give the same batches every epoch, only reordered), each group sorted
     longest first and cut into batches, the full batches shuffled. The batch holding the longest clip comes first,
-    so the first step shows whether the largest batch fits in memory; the short batch comes last."""
+    so the first step shows whether the largest batch fits in memory; the short batch comes last. `key` adds to
+    the seed (a streamed window's process and number: `loop.data.streaming`)."""
     durations = np.asarray(durations, dtype=np.float64)
     count = len(durations)
-    rng = np.random.default_rng([seed % 2**64, epoch])  # SeedSequence entropy: non-negative integers
+    rng = np.random.default_rng([seed % 2**64, epoch, *key])  # SeedSequence entropy: non-negative integers
     order = rng.permutation(count)
     group = batch_size * max(1, min(batches_per_group, count // (batch_size * MIN_GROUPS)))
     grouped = np.concatenate([

@@ -42,16 +42,25 @@ class SkipLog:
         self.counts: Counter[str] = Counter()
         self.messages: dict[str, list[str]] = {}
 
-    def add(self, reason: str, message: str) -> None:
+    def add(self, reason: str, message: str, count: int = 1) -> None:
+        """Counts `count` rows skipped for `reason` (one message for them all)."""
         if self.strict:
             raise strict_error(reason, message)
-        self.counts[reason] += 1
+        self.counts[reason] += count
         kept = self.messages.setdefault(reason, [])
         if len(kept) < MAX_MESSAGES_PER_REASON:
             kept.append(message)
 
     def as_dict(self) -> dict:
         return {"skipped": dict(self.counts), "messages": self.messages}
+
+    def merge(self, values: dict) -> None:
+        """Adds another log's `as_dict()` (a shard's, another process's) to this one, without raising."""
+        for reason, count in values.get("skipped", {}).items():
+            self.counts[reason] += count
+        for reason, messages in values.get("messages", {}).items():
+            kept = self.messages.setdefault(reason, [])
+            kept += messages[: MAX_MESSAGES_PER_REASON - len(kept)]
 
 
 def load_utterances(config: SourceConfig, split: str, skips: SkipLog, labelled: bool = True) -> datasets.Dataset:

@@ -59,10 +59,18 @@ class PreparedData:
     reports: dict[str, SplitReport]
     train_parts: list[TrainPart] = field(default_factory=list)
     """The sources lying end to end in `train` and their shares of an epoch (`data.mix`); empty when not prepared."""
+    stream: tuple = ()
+    """With `data.streaming`: the training sources streamed from shards (`loop.data.streaming.StreamSource`);
+    `train` is then empty."""
+    stream_skips: dict = field(default_factory=dict)
+    """With `data.streaming`: the rows skipped while streaming, merged over the processes at the last checkpoint."""
 
     def report_dict(self) -> dict:
         mixed = {"mix": mix_report(self.train_parts)} if len(self.train_parts) > 1 else {}
-        return {**{name: report.as_dict() for name, report in self.reports.items()}, **mixed}
+        streamed = {"streaming": {"sources": {s.name: {"rows": s.index.rows, "share": round(s.share, 6),
+                                                       "shards": len(s.index.shards), "url": s.index.url}
+                                              for s in self.stream}, **self.stream_skips}} if self.stream else {}
+        return {**{name: report.as_dict() for name, report in self.reports.items()}, **mixed, **streamed}
 
     def write_report(self, output_dir: str | Path) -> Path:
         """`<output_dir>/data_report.json`: rows read, kept and skipped by reason, per split."""
@@ -93,8 +101,28 @@ def empty_training_splits(data: DataConfig, skips: SkipLog) -> str:
               "or name others in data.train_splits")
 
 
-def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_train: bool = True) -> PreparedData:
-    """Reads and prepares train (minus the selection slice), selection and test, as the run config says."""
+@dataclass
+class SplitRows:
+    """A run's utterances before preparation: training rows (less the selection slice), selection and test rows,
+    and the rows each lost while being read."""
+
+    train: datasets.Dataset
+    selection: datasets.Dataset
+    test: datasets.Dataset
+    selection_split: str
+    skips: dict[str, SkipLog]
+
+    def reports(self) -> dict[str, SplitReport]:
+        """A report per split, counting the rows skipped while reading as read."""
+        reports = {name: SplitReport(name, skips=self.skips[name]) for name in self.skips}
+        for report in reports.values():
+            report.read = sum(report.skips.counts.values())
+        return reports
+
+
+def read_split_rows(config: RunConfig) -> SplitRows:
+    """Reads train (minus the speaker-disjoint selection slice), selection and test utterances, as the run config
+    says; in recipe mode (`eval.select_on: test`) the selection rows are the test rows."""
     data = config.data
     skips = {name: SkipLog(data.strict) for name in ("train", "selection", "test")}
     train_parts = [load_utterances(data, split, skips["train"]) for split in data.train_splits]
@@ -116,11 +144,23 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
         selection_split = f"dev_slice ({len(chosen)} utterances, speaker-disjoint from training)"
     if data.max_train_samples:
         train_rows = train_rows.select(range(min(data.max_train_samples, len(train_rows))))
+    return SplitRows(train_rows, selection_rows, test_rows, selection_split, skips)
+
+
+def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_train: bool = True) -> PreparedData:
+    """Reads and prepares train (minus the selection slice), selection and test, as the run config says; from a
+    shard folder (`data.source: shards`), reads them as they were prepared (`loop.data.shard_splits`)."""
+    if config.data.source == "shards":
+        from loop.data.shard_splits import shard_datasets
+
+        return shard_datasets(config, processor, max_label_length)
+    data = config.data
+    rows = read_split_rows(config)
+    train_rows, selection_rows, test_rows = rows.train, rows.selection, rows.test
+    selection_split = rows.selection_split
+    reports = rows.reports()
     common = prepare_settings(data, max_label_length)
     fe, tok = processor.feature_extractor, processor.tokenizer
-    reports = {name: SplitReport(name, skips=skips[name]) for name in skips}
-    for name in reports:  # rows skipped while reading count as read
-        reports[name].read = sum(skips[name].counts.values())
     timestamps = TimestampSettings(data.timestamp_fraction, config.train.seed)
     train = (prepare(train_rows, fe, tok, reports["train"], pack_to_seconds=data.pack_to_seconds,
                      timestamps=timestamps, **common)
@@ -143,8 +183,13 @@ def build_datasets(config: RunConfig, processor, max_label_length: int, prepare_
 
 
 def build_eval_split(config: RunConfig, processor, max_label_length: int, split: str | None = None) -> tuple[datasets.Dataset, SplitReport]:
-    """One prepared split for standalone evaluation (default: `data.eval_split`), and its report."""
+    """One prepared split for standalone evaluation (default: `data.eval_split`), and its report; from a shard
+    folder, its split folder of that name (`test`, `selection`)."""
     split = split or config.data.eval_split
+    if config.data.source == "shards":
+        from loop.data.shard_splits import shard_eval_split
+
+        return shard_eval_split(config, processor, split)
     report = SplitReport(split, skips=SkipLog(config.data.strict))
     rows = load_utterances(config.data, split, report.skips)
     report.read = sum(report.skips.counts.values())

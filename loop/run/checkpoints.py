@@ -58,6 +58,9 @@ class LoopState:
     """Time spent in optimizer steps (evaluation and saving excluded), for throughput."""
     evaluations: list[dict] = field(default_factory=list)
     """One entry per evaluation on the selection split: step, wer, cer, loss, ..."""
+    streams: list[dict] = field(default_factory=list)
+    """With `data.streaming`: each process's place in the shards (epoch, window, batch) and the rows it skipped
+    (`loop.data.streaming.StreamLoader.state_dict`), by process index."""
 
     def to_json(self) -> dict:
         values = asdict(self)
