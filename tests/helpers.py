@@ -154,3 +154,23 @@ def docs_snippet(page: str, marker: str, replacements: dict[str, str]) -> str:
         assert old in snippet, f"docs/{page}: the block with {marker!r} no longer names {old!r}"
         snippet = snippet.replace(old, new)
     return snippet
+
+
+def kill_9_when(command: list[str], ready, timeout: float = 300) -> None:
+    """Starts `command` (a script's child process) and kills it with SIGKILL as soon as `ready()` is true; fails if
+    it ends first or `timeout` seconds pass."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=child_env(), cwd=PROJECT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert process.poll() is None and time.time() < deadline, "the process ended before it could be killed"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()

@@ -222,7 +222,7 @@ def test_help_lists_every_option_with_its_docstring(script, sections, capsys):
         for name, doc in field_docs(SECTIONS[section]).items():
             assert f"--{section}.{name}=" in text, name
             assert doc[:60] in text, name  # the field's own docstring, not a copy that can drift
-    assert "--data.source=common_voice (one of common_voice, hub, manifest)" in text
+    assert "--data.source=common_voice (one of common_voice, hub, manifest, shards)" in text
     assert "--train.per_device_train_batch_size" not in text or "train" in sections
 
 

@@ -6,12 +6,10 @@ and prepares what it must again."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 
 from loop.data.cache_files import marker_path
-from tests.helpers import PROJECT, child_env, load_script, script_command
+from tests.helpers import kill_9_when, load_script, script_command
 
 ARGS = ("--config", "quickstart", "--data.num_proc=1")
 KEPT = ("train: 301 of 301 utterances kept", "selection: 37 of 37 utterances kept", "test: 30 of 30 utterances kept")
@@ -31,18 +29,9 @@ def train_files(cache_dir):
 def test_kill_9_inside_the_map_leaves_nothing_that_is_reused(tmp_path, capsys):
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    process = subprocess.Popen(script_command("prepare_data", *ARGS, f"--data.cache_dir={cache_dir}", "--output_dir",
-                                              tmp_path / "out"),
-                               env=child_env(), cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not [p for p in cache_dir.glob("tmp*") if p.stat().st_size > 100_000]:  # the map is writing
-            assert process.poll() is None and time.time() < deadline, "the map ended before it could be killed"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_9_when(script_command("prepare_data", *ARGS, f"--data.cache_dir={cache_dir}", "--output_dir",
+                               tmp_path / "out"),
+                lambda: [p for p in cache_dir.glob("tmp*") if p.stat().st_size > 100_000])  # the map is writing
     (temporary,) = cache_dir.glob("tmp*")  # what the killed map had written
     assert train_files(cache_dir) == []
     hours_ago = time.time() - 2 * 3600

@@ -8,13 +8,12 @@ import functools
 import http.server
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -31,7 +30,16 @@ from loop.data.streaming import StreamLoader, StreamPlan, StreamPosition, Stream
 from loop.model.loading import load_processor
 from loop.run.checkpoints import list_checkpoints
 from loop.train import fit, setup
-from tests.helpers import PROJECT, StopAt, child_env, reset_accelerate, run_config, script_command, tensorboard_scalars
+from tests.helpers import (
+    PROJECT,
+    StopAt,
+    child_env,
+    kill_9_when,
+    reset_accelerate,
+    run_config,
+    script_command,
+    tensorboard_scalars,
+)
 
 SMALL = ("--data.max_train_samples=96", "--data.selection_size=12", "--data.max_eval_samples=8")
 
@@ -63,6 +71,9 @@ def test_shards_read_back_equal_to_the_cached_path(shards, tmp_path, tiny_model_
     assert sharded.reports["train"].as_dict()["kept"] == cached.reports["train"].as_dict()["kept"] == 96
     index = read_index(str(folder / "train"))
     assert [shard.rows for shard in index.shards] == [12] * 8
+    # other tools read the shards as they are, as docs/shards-and-streaming.md says
+    stream = datasets.load_dataset("parquet", data_files=str(folder / "train" / "*.parquet"), streaming=True)
+    assert [row["id"] for row in stream["train"]] == cached.train["id"]
     assert index.hours == pytest.approx(sum(cached.train["duration"]) / 3600, abs=1e-3)
 
 
@@ -275,17 +286,8 @@ def test_a_streamed_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pat
 def test_a_killed_shard_preparation_resumes_without_redoing_finished_shards(tmp_path, tiny_model_dir):
     args = ["--config", "quickstart", f"--model.name_or_path={tiny_model_dir}", *SMALL, "--data.num_proc=1",
             "--output_dir", tmp_path / "out", "--shards", tmp_path / "shards", "--shard_utterances=8"]
-    process = subprocess.Popen(script_command("prepare_data", *args), env=child_env(), cwd=PROJECT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while len(list((tmp_path / "shards" / "train").glob("shard-*.json"))) < 3:
-            assert process.poll() is None and time.time() < deadline, "the preparation ended before it was killed"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_9_when(script_command("prepare_data", *args),
+                lambda: len(list((tmp_path / "shards" / "train").glob("shard-*.json"))) >= 3)
     finished = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards" / "train").glob("shard-*")}
     assert not (tmp_path / "shards" / "train" / INDEX_FILE).exists()
     done = subprocess.run(script_command("prepare_data", *args), env=child_env(), cwd=PROJECT, capture_output=True,
