@@ -9,8 +9,8 @@ audio, as a manifest. For each size, in fresh processes of `scripts/train.py` on
 - shards: the shards written once by `scripts/prepare_data.py --shards` (timed on its own: a one-time cost that can
   run anywhere), then the same figures for a run with `data.streaming=true` from them.
 Then, on the largest corpus's shards, `--steps` streamed steps with 0, 1 and 2 DataLoader workers: training
-samples/s and the share of the step spent waiting for data, as the loop logs them (medians of the log lines after
-the first).
+samples/s and the share of the step spent waiting for data, as the loop logs them (means of the log lines after
+the first). `--workers_only DIR` measures only that, on the shards in DIR.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CORPUS = PROJECT / "assets" / "cv-corpus-17.0-synthetic"
 STEP_LINE = re.compile(r"step (\d+)/\d+ .* ([\d.]+) samples/s .* data wait ([\d.]+)%")
 COMMON = ["--config", "quickstart", "--eval.guard_sets=[]", "--eval.eval_on_start=false", "--eval.select_on=test",
           "--data.train_splits=train", "--data.eval_split=test", "--train.logging_steps=1", "--data.num_proc=1",
-          "--train.save_steps=100000", "--eval.eval_steps=100000"]
+          "--train.save_steps=100000", "--eval.eval_steps=100000", "--train.overwrite_output_dir=true"]
 
 
 def make_corpus(folder: Path, hours: float) -> Path:
@@ -79,7 +79,8 @@ def first_step(args: list[str], output_dir: Path) -> dict:
 
 
 def throughput(args: list[str], output_dir: Path) -> dict:
-    """A whole streamed run: medians of samples/s and data wait over its log lines after the first."""
+    """A whole streamed run: means of samples/s and data wait over its log lines after the first (a window is read
+    every `data.shuffle_buffer` rows: a median would hide that wait)."""
     command = [sys.executable, str(PROJECT / "scripts" / "train.py"), *COMMON, "--output_dir", str(output_dir), *args]
     done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(PROJECT)})
@@ -87,8 +88,8 @@ def throughput(args: list[str], output_dir: Path) -> dict:
     figures = [(float(m.group(2)), float(m.group(3))) for m in lines if m][1:]
     if done.returncode or not figures:
         raise RuntimeError(done.stderr[-3000:])
-    return {"samples_per_s": statistics.median(f[0] for f in figures),
-            "data_wait_percent": statistics.median(f[1] for f in figures)}
+    return {"samples_per_s": round(statistics.mean(f[0] for f in figures), 2),  # log lines of equal step counts
+            "data_wait_percent": round(statistics.mean(f[1] for f in figures), 2)}
 
 
 def main() -> None:
@@ -97,11 +98,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40, help="streamed steps per worker count")
     parser.add_argument("--workdir", default="", help="where corpora, shards and caches go (default: a temporary one)")
+    parser.add_argument("--workers_only", default="", help="only the workers' figures, on the shards in this folder")
     parser.add_argument("--output", default="")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="streaming-bench-"))
     results: dict = {"sizes": {}}
-    for hours in args.hours:
+    for hours in [] if args.workers_only else args.hours:
         corpus = make_corpus(root / f"corpus-{hours:g}h", hours)
         source = ["--data.source=manifest", f"--data.path={corpus}", "--train.max_steps=1000"]
         cached = first_step([*source, f"--data.cache_dir={root / f'cache-{hours:g}h'}"], root / f"cached-{hours:g}h")
@@ -119,7 +121,7 @@ def main() -> None:
                                            "shard_bytes": index["bytes"], "shards_written_s": round(written, 1),
                                            "cached": cached, "streamed": streamed}
         print(json.dumps({f"{hours:g}h": results["sizes"][f"{hours:g}h"]}), flush=True)
-    largest = root / f"shards-{max(args.hours):g}h"
+    largest = Path(args.workers_only) if args.workers_only else root / f"shards-{max(args.hours):g}h"
     results["workers"] = {}
     for workers in args.workers:
         results["workers"][workers] = throughput(
