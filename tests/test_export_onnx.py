@@ -41,7 +41,7 @@ def export(model_dir, cache_dir, tmp_path_factory) -> tuple[int, Path]:
     return rc, output
 
 
-def test_the_graphs_have_the_documented_layout(export):
+def test_the_graphs_have_the_documented_layout(export, model_dir):
     import onnx
 
     rc, output = export
@@ -55,6 +55,11 @@ def test_the_graphs_have_the_documented_layout(export):
     assert dims == [2, "batch", 2, "past", 32]  # layers, batch, heads, past tokens, head_dim
     settings = json.loads((output / "whisper_onnx.json").read_text(encoding="utf-8"))
     assert settings["prompt_tokens"][1:3] != [] and settings["num_mel_bins"] == 80
+    # the token embedding is stored once: the output projection uses the same initializer, transposed in the graph
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    shape = sorted([config["vocab_size"], config["d_model"]])
+    embedding = [list(t.dims) for t in decoder.graph.initializer if sorted(t.dims) == shape]
+    assert len(embedding) == 1, embedding
 
 
 def test_float32_onnx_reproduces_every_transcript(export):

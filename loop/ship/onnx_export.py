@@ -133,8 +133,10 @@ def write_graphs(model, settings: dict, folder: Path) -> None:
                       dynamic_axes={"input_features": {0: "batch"}, "cross_k": {1: "batch"}, "cross_v": {1: "batch"}})
     past = torch.zeros(layers, 1, heads, 2, head_dim)
     ids = torch.tensor([settings["prompt_tokens"][:2]])
+    # No constant folding: it would store the output projection (the embedding transposed) as a second copy of
+    # the embedding; unfolded, the graph transposes the one copy, and onnxruntime folds it in memory at load.
     torch.onnx.export(DecoderGraph(model), (ids, past, past, cross_k, cross_v), str(folder / DECODER_FILE),
-                      dynamo=False, opset_version=OPSET,
+                      dynamo=False, opset_version=OPSET, do_constant_folding=False,
                       input_names=["input_ids", "self_k", "self_v", "cross_k", "cross_v"],
                       output_names=["logits", "self_k_out", "self_v_out"],
                       dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "self_k": {1: "batch", 3: "past"},
