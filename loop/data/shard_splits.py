@@ -62,7 +62,7 @@ def shard_datasets(config: RunConfig, processor, max_label_length: int) -> Prepa
     `data.streaming`) as stream sources, with each `data.mix` entry that is a shard folder too."""
     data, tokenizer = config.data, processor.tokenizer
     test_index = split_index(data.path, TEST, tokenizer)
-    test = read_split(test_index, data.verify_shards)
+    test = capped(read_split(test_index, data.verify_shards), data.max_eval_samples)
     reports = {TEST: SplitReport.from_dict(TEST, test_index.report)}
     if config.eval.select_on == "test":
         selection, selection_split = test, f"{TEST} (recipe mode: test used for model selection)"
@@ -72,7 +72,7 @@ def shard_datasets(config: RunConfig, processor, max_label_length: int) -> Prepa
             selection_index = split_index(data.path, SELECTION, tokenizer)
         except DataError as error:
             raise DataError(f"{error}; with eval.select_on=test the test split selects the model") from error
-        selection = read_split(selection_index, data.verify_shards)
+        selection = capped(read_split(selection_index, data.verify_shards), data.max_eval_samples)
         reports[SELECTION] = SplitReport.from_dict(SELECTION, selection_index.report)
         selection_split = f"dev_slice ({len(selection)} rows, written with the shards)"
     train_index = split_index(data.path, TRAIN, tokenizer)
@@ -93,8 +93,14 @@ def shard_datasets(config: RunConfig, processor, max_label_length: int) -> Prepa
     return PreparedData(train, selection, test, selection_split, reports, parts)
 
 
+def capped(table, rows: int):
+    """The first `rows` rows of an evaluation split (`data.max_eval_samples`; 0: all)."""
+    return table.select(range(min(rows, len(table)))) if rows else table
+
+
 def shard_eval_split(config: RunConfig, processor, split: str):
     """One split of the shard folder `data.path` for standalone evaluation, and its report."""
     index = split_index(config.data.path, split, processor.tokenizer)
-    return read_split(index, config.data.verify_shards), SplitReport.from_dict(split, index.report)
+    return capped(read_split(index, config.data.verify_shards), config.data.max_eval_samples), \
+        SplitReport.from_dict(split, index.report)
 
