@@ -118,6 +118,16 @@ def test_shards_are_read_over_http(shards):
         server.shutdown()
 
 
+def test_shards_are_written_to_and_read_from_a_filesystem_that_is_not_local(shards, tiny_model_dir, processor,
+                                                                             max_target_positions):
+    """fsspec's in-memory filesystem stands in for an object store: no rename in place, whole-object writes."""
+    folder, config = shards
+    written = write_shards(config, processor, max_target_positions, "memory://shards", shard_utterances=12)
+    assert written["train"].url == "memory://shards/train"
+    local = read_split(read_index(str(folder / "train")))
+    assert columns(read_split(read_index("memory://shards/train"))) == columns(local)
+
+
 def fake_index(name: str, rows: list[int]) -> ShardIndex:
     shards = tuple(ShardInfo(f"shard-{i:05d}.parquet", n, n, n, 0, "") for i, n in enumerate(rows))
     return ShardIndex(name, "train", shards, {}, {})
