@@ -156,14 +156,14 @@ def docs_snippet(page: str, marker: str, replacements: dict[str, str]) -> str:
     return snippet
 
 
-def kill_9_when(command: list[str], ready, timeout: float = 300) -> None:
-    """Starts `command` (a script's child process) and kills it with SIGKILL as soon as `ready()` is true; fails if
-    it ends first or `timeout` seconds pass."""
+def kill_9_when(command: list[str], ready, timeout: float = 300, env: dict | None = None) -> None:
+    """Starts `command` (a script's child process, in `env`: default `child_env()`) and kills it with SIGKILL as
+    soon as `ready()` is true; fails if it ends first or `timeout` seconds pass."""
     import signal
     import subprocess
     import time
 
-    process = subprocess.Popen(command, env=child_env(), cwd=PROJECT, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, env=env or child_env(), cwd=PROJECT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout

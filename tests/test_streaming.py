@@ -310,3 +310,36 @@ def test_a_killed_shard_preparation_resumes_without_redoing_finished_shards(tmp_
     after = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards" / "train").glob("shard-*")}
     assert all(after[name] == mtime for name, mtime in finished.items())  # finished shards were not written again
     assert read_index(str(tmp_path / "shards" / "train")).rows == 96
+
+
+@pytest.mark.slow  # three training processes: a minute or two on 2 busy cores
+def test_kill_9_in_the_second_epoch_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, fast_model):
+    """Real processes streaming with two workers: one straight to step 12; one killed with SIGKILL once step 9 (in
+    the second epoch) is saved, then resumed with --train.resume=true. Same weights at step 12."""
+    folder = tmp_path / "shards"
+    config = run_config(tmp_path / "prepare", fast_model, tmp_path / "cache", *SMALL)
+    write_shards(config, load_processor(str(fast_model), "hindi", "transcribe"), 128, str(folder), 24)
+
+    def command(out):
+        return script_command(
+            "train", "--config", "quickstart", "--output_dir", out, f"--model.name_or_path={fast_model}",
+            "--data.source=shards", f"--data.path={folder}", "--data.streaming=true", "--data.shuffle_buffer=30",
+            "--train.dataloader_num_workers=2", "--train.per_device_train_batch_size=16", "--train.warmup_steps=0",
+            "--eval.eval_on_start=false", "--eval.guard_sets=[]", "--train.max_steps=12", "--train.save_steps=9",
+            "--eval.eval_steps=12", "--eval.generation_max_length=4", "--train.deterministic=true")
+
+    straight = subprocess.run(command(tmp_path / "straight"), env=child_env(threads=2), cwd=PROJECT,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "killed"
+    kill_9_when(command(out), lambda: bool(list_checkpoints(out)), env=child_env(threads=2))
+    assert [step for step, _ in list_checkpoints(out)] == [9], "killed before step 9 was saved or after step 12"
+    resumed = subprocess.run([*command(out), "--train.resume=true"], env=child_env(threads=2), cwd=PROJECT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "step_9" / "loop_state.json").read_text())
+    assert state["streams"][0] | {"skipped": {}, "messages": {}} == {"epoch": 1, "window": 0, "batch": 1,
+                                                                      "skipped": {}, "messages": {}}
+    first = load_file(str(tmp_path / "straight" / "checkpoints" / "step_12" / "model.safetensors"))
+    second = load_file(str(out / "checkpoints" / "step_12" / "model.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
