@@ -71,7 +71,7 @@ def flat_hparams(config: RunConfig) -> dict:
 # augmentation makes of them (data, augment, batch, accumulation, seed) or the parameters the optimizer state
 # belongs to (model, frozen encoder). The data options that only say how to prepare (processes, cache folder,
 # strictness) are not among them.
-NOT_FIXED_ON_RESUME = {"data.num_proc", "data.cache_dir", "data.strict", "data.max_eval_samples"}
+NOT_FIXED_ON_RESUME = {"data.num_proc", "data.cache_dir", "data.strict", "data.max_eval_samples", "data.verify_shards"}
 FIXED_ON_RESUME = {option for option in option_names()
                    if option.startswith(("data.", "augment."))} - NOT_FIXED_ON_RESUME | {
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed", "train.group_by_length",
