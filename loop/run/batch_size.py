@@ -41,6 +41,10 @@ class BatchSizeError(RuntimeError):
     """`per_device_train_batch_size: auto` cannot choose a batch here; the message says why, in one line."""
 
 
+NOTHING_FITS = ("not even a batch of 1 fits: try --model.gradient_checkpointing=true, bf16/fp16, LoRA or a smaller "
+                "model")
+
+
 class Device(Protocol):
     """Runs a training step and says when memory ran out (by raising `torch.OutOfMemoryError`)."""
 
@@ -230,7 +234,3 @@ def choose_batch_size(config: RunConfig, setup: Callable, step: Callable, device
         f"{accumulation}, {MARGIN:.0%} below: {kept} utterances per optimizer step and process"
         + ("" if kept == effective else f", the nearest above the configured {effective}"))
     return chosen
-
-
-NOTHING_FITS = ("not even a batch of 1 fits: try --model.gradient_checkpointing=true, bf16/fp16, LoRA or a smaller "
-                "model")
