@@ -98,7 +98,7 @@ def test_auto_trains_with_the_batch_the_search_chose_and_a_resume_keeps_it(fast_
     assert results["steps"] == 4 and loop_state(run_dir, 4)["batches_in_epoch"] == 16
 
 
-def test_auto_keeps_the_presets_effective_batch_and_is_typed():
+def test_auto_keeps_the_presets_effective_batch_and_is_typed(capsys):
     config = load_config("whisper-small-hi", ["--data.path=assets/cv-corpus-17.0-synthetic",
                                               "--train.per_device_train_batch_size=auto"])
     assert (config.train.per_device_train_batch_size, config.train.auto_effective_batch) == ("auto", 16)  # 8 x 2
@@ -108,6 +108,9 @@ def test_auto_keeps_the_presets_effective_batch_and_is_typed():
         load_config("quickstart", ["--train.per_device_train_batch_size=many"])
     assert caught.value.problems == [
         "command line: train.per_device_train_batch_size: expected an integer or auto, got 'many'"]
+    with pytest.raises(SystemExit):
+        load_script("train").main(["--help"])
+    assert "--train.per_device_train_batch_size=16 (>= 1 or auto)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -19,7 +19,7 @@ import yaml
 
 from loop.config.checks import config_warnings, dataclass_problems, validate  # noqa: F401  (re-exported)
 from loop.config.fields import field_types, option_names, resolve_path
-from loop.config.sections import SECTIONS, RunConfig
+from loop.config.sections import SECTIONS, RunConfig, TrainConfig
 from loop.config.types import AUTO, PRESETS_DIR, ConfigError
 
 
@@ -213,7 +213,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, o
                 problems.append(f"{path}: a preset must be a mapping of sections")
             else:
                 _apply(config, values, str(path.name), problems)
-    replaced = _batch_number(config, RunConfig().train.per_device_train_batch_size)
+    replaced = _batch_number(config, TrainConfig.per_device_train_batch_size)
     values, parse_problems = parse_overrides(overrides or [])
     problems += parse_problems
     _apply(config, values, "command line", problems)
