@@ -9,6 +9,7 @@ import textwrap
 import typing
 
 from loop.config import SECTIONS, ConfigError, Pattern, Range, field_docs, field_types
+from loop.config.checks import union_words
 from loop.config.loading import SHORT_FORMS, list_presets
 
 HELP_WIDTH = 100
@@ -53,7 +54,8 @@ def _allowed(kind) -> str:
     extras = typing.get_args(kind)[1:] if typing.get_origin(kind) is typing.Annotated else ()
     if typing.get_origin(kind) is typing.Literal:
         return "one of " + ", ".join(typing.get_args(kind))
-    return ", ".join(extra.describe() for extra in extras if isinstance(extra, (Range, Pattern)))
+    allowed = ", ".join(extra.describe() for extra in extras if isinstance(extra, (Range, Pattern)))
+    return " or ".join([allowed, *union_words(kind)]) if union_words(kind) else allowed
 
 
 def one_line(error: Exception) -> str:

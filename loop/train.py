@@ -46,6 +46,7 @@ from loop.model.sharding import check_generation_supported, grad_norm_tensor
 from loop.optimizers import build_optimizer, get_lr_scheduler
 from loop.results import build_results, write_results
 from loop.run.accelerator import build_accelerator, resolve_mixed_precision
+from loop.run.batch_size import Device, choose_batch_size
 from loop.run.best_model import best_dir, load_best_for_evaluation, write_best_model
 from loop.run.checkpoints import LoopState, keep_adapters_only, load_checkpoint, save_checkpoint
 from loop.run.determinism import make_deterministic
@@ -87,10 +88,12 @@ class Run:
     """`train.distill_from`'s frozen teacher and the loss weights (loop/model/distillation.py); None: labels only."""
 
 
-def train(config: RunConfig, trackers: tuple = ()) -> dict:
+def train(config: RunConfig, trackers: tuple = (), device: Device | None = None) -> dict:
     """Runs the whole job and returns the contents of results.json. `trackers`: Accelerate tracker objects that get
-    everything the config's trackers get (a sweep's pruning: `loop.sweeps`)."""
+    everything the config's trackers get (a sweep's pruning: `loop.sweeps`). `device`: where a batch of `auto` is
+    searched (a CUDA GPU unless a test passes a stand-in: `loop.run.batch_size`)."""
     try:
+        config = choose_batch_size(config, setup, optimizer_step, device)  # `auto`: found on the accelerator first
         run = setup(config, trackers)
         stop = StopRequested()
         stop.install()

@@ -7,34 +7,36 @@ Real optimizer steps (the preset's model, precision, LoRA, gradient checkpointin
 row the data's longest clip with its longest transcript, at the full 30-s window (loop/run/batch_size.py). Batches
 double until one runs out of memory, then the boundary is bisected. Prints the largest that fits and a setting
 `--margin` below it. Needs a CUDA GPU; on CPU it says so and stops. The data is prepared as for training (cached).
+`--train.per_device_train_batch_size=auto` runs the same search at the start of training.
 """
 
 import argparse
-import functools
 import sys
-import tempfile
 
 from loop.cli import make_parser, one_line
 from loop.config import ConfigError
 from loop.config.loading import load_config
 from loop.data.sources import DataError
 from loop.model.loading import ModelLoadError
-from loop.run.batch_size import CudaDevice, Device, largest_batch, suggestion, worst_case_batch, worst_case_row
-from loop.run.lock import release
+from loop.run.batch_size import (
+    MARGIN,
+    MAX_BATCH_SIZE,
+    NOTHING_FITS,
+    CudaDevice,
+    Device,
+    effective_batch,
+    search,
+    suggestion,
+)
 from loop.train import optimizer_step, setup
-
-PROBE_OVERRIDES = [
-    "--model.encoder_window=full",  # the worst case: the encoder always sees the whole window
-    "--train.gradient_accumulation_steps=1",  # one micro-batch per probe step
-    "--train.report_to=none", "--eval.guard_sets=[]", "--train.resume=false",
-]
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = make_parser(__doc__)
-    parser.add_argument("--margin", type=float, default=0.1,
+    parser.add_argument("--margin", type=float, default=MARGIN,
                         help="share of the largest batch to leave free (default: %(default)g)")
-    parser.add_argument("--max_batch_size", type=int, default=512, help="stop growing here (default: %(default)d)")
+    parser.add_argument("--max_batch_size", type=int, default=MAX_BATCH_SIZE,
+                        help="stop growing here (default: %(default)d)")
     args, overrides = parser.parse_known_args(argv)
     if not 0 <= args.margin < 1:
         parser.error(f"--margin must be at least 0 and below 1, got {args.margin:g}")
@@ -43,38 +45,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def step_at(run, row: dict, batch_size: int) -> None:
-    """One real optimizer step of the loop on `batch_size` copies of `row`."""
-    batch = worst_case_batch(row, batch_size, run.model.config.decoder_start_token_id, run.accelerator.device)
-    optimizer_step(run, iter([batch]))
-
-
 def main(argv: list[str] | None = None, device: Device | None = None) -> int:
     """`device`: where the steps run and out-of-memory comes from (a CUDA GPU unless a test passes a stand-in)."""
     args, overrides = parse_args(argv)
     device = device or CudaDevice()
     if device.unavailable():
-        print(f"error: {device.unavailable()}", file=sys.stderr)
+        print(f"error: scripts/find_batch_size.py {device.unavailable()}. Run it on the GPU machine that will train.",
+              file=sys.stderr)
         return 2
     try:
         preset = load_config(args.config, overrides)
-        with tempfile.TemporaryDirectory(prefix="find-batch-size-") as folder:
-            try:
-                run = setup(load_config(args.config, [*overrides, *PROBE_OVERRIDES], folder))
-                row = worst_case_row(run.data.train)
-                print(f"worst case: {row['duration']:.1f}-s clip, {len(row['labels'])} label tokens, full window")
-                largest = largest_batch(device, functools.partial(step_at, run, row), args.max_batch_size)
-            finally:
-                release(folder)  # setup() took the folder's lock
+        largest = search(preset, device, setup, optimizer_step, args.max_batch_size)
     except (ConfigError, DataError, ModelLoadError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    t = preset.train
     if largest == 0:
-        print("error: not even a batch of 1 fits: try --model.gradient_checkpointing=true, bf16/fp16, LoRA or a "
-              "smaller model", file=sys.stderr)
+        print(f"error: {NOTHING_FITS}", file=sys.stderr)
         return 1
-    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    effective = effective_batch(preset.train)
     batch, accumulation = suggestion(largest, args.margin, effective)
     print(f"largest batch that fits: {largest}" + (" (--max_batch_size)" if largest == args.max_batch_size else ""))
     print(f"suggested, {args.margin:.0%} below it, for the preset's effective batch of {effective} per process: "

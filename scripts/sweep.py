@@ -21,6 +21,7 @@ from loop.config import ConfigError
 from loop.config.loading import load_config
 from loop.data.sources import DataError
 from loop.model.loading import ModelLoadError
+from loop.run.batch_size import BatchSizeError
 from loop.sweeps import MissingPackage, SweepSettings, load_space, open_study, run_sweep, summary, write_best_preset
 from loop.train import train
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as error:
         print(f"error: --enqueue: not a JSON object ({error})", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, ModelLoadError, MissingPackage) as error:
+    except (ConfigError, DataError, ModelLoadError, MissingPackage, BatchSizeError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     table = summary(study)

@@ -11,6 +11,7 @@ from loop.config import ConfigError
 from loop.config.loading import load_config
 from loop.data.sources import DataError
 from loop.model.loading import ModelLoadError
+from loop.run.batch_size import BatchSizeError
 from loop.run.checkpoint_integrity import CheckpointError
 from loop.run.disk_space import SaveError
 from loop.run.lock import FolderInUseError
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides, args.output_dir)
         train(config)  # a run stopped by SIGTERM/SIGINT has saved a checkpoint and returns normally
-    except (ConfigError, DataError, ModelLoadError, CheckpointError, FolderInUseError) as error:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, FolderInUseError, BatchSizeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (FloatingPointError, HubUploadError, SaveError) as error:

@@ -82,6 +82,15 @@ def test_three_trials_one_pruned_summary_and_best_preset(tmp_path, decoding_chec
     assert best.eval.generation_max_length == GOOD and best.train.max_steps == 4 and best.output_dir.endswith("best-run")
 
 
+def has_completed(sweep_dir) -> bool:
+    """A trial of the child's sweep has completed; the SQLite file exists a moment before the study is recorded in
+    it, and reading it then raises KeyError."""
+    try:
+        return bool(trials_by_state(sweep_dir).get("COMPLETE"))
+    except KeyError:
+        return False
+
+
 @pytest.mark.slow  # three trials in a child process, killed and continued: about a minute on 2 busy cores
 def test_a_sweep_killed_with_kill_9_continues_from_its_storage(tmp_path, decoding_checkpoint, session_cache_dir):
     sweep_dir = tmp_path / "sweep"
@@ -91,7 +100,7 @@ def test_a_sweep_killed_with_kill_9_continues_from_its_storage(tmp_path, decodin
     process = subprocess.Popen(command, env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
-        if (sweep_dir / "study.db").exists() and trials_by_state(sweep_dir).get("COMPLETE"):
+        if (sweep_dir / "study.db").exists() and has_completed(sweep_dir):
             break
         time.sleep(0.2)
     process.kill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -41,11 +42,23 @@ def dataclass_problems(values, prefix: str) -> list[str]:
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
         if choices and value not in choices:
             problems.append(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        words = union_words(kind)
+        if words and isinstance(value, str) and value not in words:
+            problems.append(f"{option} must be a number or {' or '.join(words)}, got {value!r}")
         for limit in (extra for extra in extras if isinstance(extra, (Range, Pattern))):
             for item in value if isinstance(value, list) else [value]:  # a list's bounds hold for every item
                 if not limit.allows(item):
                     problems.append(f"{option} must be {limit.describe()}, got {item}")
     return problems
+
+
+def union_words(kind) -> tuple[str, ...]:
+    """The words a number field also takes (`int | Literal["auto"]` -> ("auto",))."""
+    base = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+    if typing.get_origin(base) not in (typing.Union, types.UnionType) or str in typing.get_args(base):
+        return ()
+    return tuple(word for member in typing.get_args(base) if typing.get_origin(member) is Literal
+                 for word in typing.get_args(member))
 
 
 def validate(config: RunConfig) -> list[str]:

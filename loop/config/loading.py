@@ -19,8 +19,8 @@ import yaml
 
 from loop.config.checks import config_warnings, dataclass_problems, validate  # noqa: F401  (re-exported)
 from loop.config.fields import field_types, option_names, resolve_path
-from loop.config.sections import SECTIONS, RunConfig
-from loop.config.types import PRESETS_DIR, ConfigError
+from loop.config.sections import SECTIONS, RunConfig, TrainConfig
+from loop.config.types import AUTO, PRESETS_DIR, ConfigError
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -46,15 +46,21 @@ def _base_type(kind):
 
 def _coerce(value, kind, where: str, problems: list[str]):
     """Converts a YAML or command-line value to the field's type; records a problem if it cannot."""
-    kind = _base_type(kind)
-    if isinstance(kind, types.UnionType):  # `bool | str`: the first member the value converts to, in order
-        for member in typing.get_args(kind):
+    if typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `bool | str`, `int | Literal["auto"]`
+        for member in typing.get_args(kind):  # the first member the value converts to, in order
+            if typing.get_origin(member) is Literal:  # a word of the field's own: only those words
+                if str(value) in typing.get_args(member):
+                    return str(value)
+                continue
             tried: list[str] = []
             coerced = _coerce(value, member, where, tried)
             if not tried:
                 return coerced
-        problems.append(f"{where}: got {value!r}")
+        problems.append(f"{where}: expected {' or '.join(map(_describe, typing.get_args(kind)))}, got {value!r}")
         return None
+    kind = _base_type(kind)
     if typing.get_origin(kind) is list and dataclasses.is_dataclass((typing.get_args(kind) or (str,))[0]):
         return _coerce_entries(value, typing.get_args(kind)[0], where, problems)
     if typing.get_origin(kind) is list:
@@ -85,6 +91,13 @@ def _coerce(value, kind, where: str, problems: list[str]):
             return None
         return number
     return "" if value is None else str(value)
+
+
+def _describe(kind) -> str:
+    """How an error names what a union member accepts."""
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(typing.get_args(kind))
+    return {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "a string")
 
 
 def _coerce_entries(values, kind, where: str, problems: list[str]):
@@ -200,15 +213,25 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, o
                 problems.append(f"{path}: a preset must be a mapping of sections")
             else:
                 _apply(config, values, str(path.name), problems)
+    replaced = _batch_number(config, TrainConfig.per_device_train_batch_size)
     values, parse_problems = parse_overrides(overrides or [])
     problems += parse_problems
     _apply(config, values, "command line", problems)
     if output_dir:
         config.output_dir = output_dir
+    t = config.train
+    if t.per_device_train_batch_size == AUTO and t.auto_effective_batch == 0:  # keep what `auto` replaced
+        t.auto_effective_batch = replaced * t.gradient_accumulation_steps
     problems += validate(config)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _batch_number(config: RunConfig, otherwise: int) -> int:
+    """The configuration's per-device batch when it is a number (not `auto`), else `otherwise`."""
+    batch = config.train.per_device_train_batch_size
+    return batch if isinstance(batch, int) else otherwise
 
 
 def from_dict(values: dict) -> RunConfig:

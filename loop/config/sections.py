@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from loop.config.types import AtLeastOne, MixedPrecision, NotNegative, Pattern, Probability, Range, Share
+from loop.config.types import AtLeastOne, BatchSize, MixedPrecision, NotNegative, Pattern, Probability, Range, Share
 
 SourceKind = Literal["common_voice", "hub", "manifest", "shards"]
 
@@ -181,10 +181,15 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    per_device_train_batch_size: AtLeastOne = 16
-    """Utterances per process per micro-batch."""
+    per_device_train_batch_size: BatchSize = 16
+    """Utterances per process per micro-batch, or `auto`: before training, the largest that fits the GPU, less 10%
+    (scripts/find_batch_size.py's search), with the `gradient_accumulation_steps` that keep `auto_effective_batch`
+    per optimizer step; the choice is printed and kept by a resume. Needs a CUDA GPU and one process."""
     gradient_accumulation_steps: AtLeastOne = 1
     """Micro-batches per optimizer step."""
+    auto_effective_batch: NotNegative = 0
+    """With `per_device_train_batch_size: auto`: utterances per optimizer step and process to keep (0: the number
+    `auto` replaced, from the preset or the defaults, times `gradient_accumulation_steps`); unused otherwise."""
     learning_rate: Annotated[float, Range(low=0, low_open=True)] = 1e-5
     """Peak AdamW learning rate."""
     weight_decay: Annotated[float, Range(low=0)] = 0.0

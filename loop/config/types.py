@@ -28,6 +28,8 @@ class Range:
     high_open: bool = False
 
     def allows(self, value: float) -> bool:
+        if isinstance(value, str):  # a word the field's type also allows (`auto`), checked by its `Literal`
+            return True
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
@@ -61,6 +63,8 @@ AtLeastOne = Annotated[int, Range(low=1)]
 NotNegative = Annotated[int, Range(low=0)]
 Probability = Annotated[float, Range(low=0, high=1, high_open=True)]
 Share = Annotated[float, Range(low=0, high=1)]  # a share of rows, where all of them (1) is allowed
+AUTO = "auto"
+BatchSize = Annotated[int | Literal["auto"], Range(low=1)]  # rows, or `auto`: the largest that fits the accelerator
 
 
 class ConfigError(ValueError):
