@@ -261,6 +261,9 @@ def test_streaming_options_are_checked(shards, tmp_path, tiny_model_dir):
     folder, _ = shards
     with pytest.raises(ConfigError, match="data.streaming needs data.source=shards"):
         run_config(tmp_path, tiny_model_dir, tmp_path, "--data.streaming=true")
+    with pytest.raises(ConfigError, match="per_device_train_batch_size=auto is not available with data.streaming"):
+        shard_config(tmp_path, tiny_model_dir, folder, "--data.streaming=true",
+                     "--train.per_device_train_batch_size=auto")
     with pytest.raises(ConfigError, match=r"data.mix\[0\] \(en\): data.streaming mixes shard folders only"):
         shard_config(tmp_path, tiny_model_dir, folder, "--data.streaming=true",
                      f"--data.mix=[{{name: en, weight: 0.2, path: {folder}}}]")

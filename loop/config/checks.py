@@ -174,6 +174,10 @@ def streaming_problems(config: RunConfig) -> list[str]:
                         "table; set it to 0")
     if d.max_train_samples:
         problems.append("data.max_train_samples is not available with data.streaming: write fewer rows as shards")
+    if config.train.per_device_train_batch_size == "auto":
+        problems.append("train.per_device_train_batch_size=auto is not available with data.streaming (its search "
+                        "takes the longest row of a table read whole): find it with data.streaming=false, then "
+                        "give the number")
     return problems
 
 
