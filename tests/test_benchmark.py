@@ -68,6 +68,7 @@ def test_command_line_is_the_settings_dataclass(capsys):
     assert "Runs of each side, alternating loop, reference" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # both sides end to end in fresh processes: over 30 s on 2 cores; run by hand before a benchmark
 def test_quick_benchmark_writes_its_ratios(tmp_path):
     """`--quick` runs both sides end to end and writes the JSON; the figures are not judged."""
     output = tmp_path / "bench.json"

@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import PROJECT, child_env
 
 
+@pytest.mark.slow  # every part of the probe on the CPU, about a minute: run by hand before a lent GPU's session
 def test_the_dry_run_runs_every_part_and_the_checks_pass(tmp_path):
     output = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "gpu_probe.py"), "--dry-run", "--output",

@@ -299,6 +299,23 @@ def test_a_streamed_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pat
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed" / "run")][-1] == 10
 
 
+def test_an_unfinished_shard_folder_is_completed_without_redoing_finished_shards(shards, tmp_path, processor,
+                                                                                 max_target_positions):
+    """What a killed preparation leaves (no index, the last shards missing or without their sidecar) is completed
+    by the same call: finished shards are kept as they are (the real kill -9 is the slow test below)."""
+    folder, config = shards
+    copy = damaged_copy(folder, tmp_path)
+    (copy / "train" / INDEX_FILE).unlink()
+    (copy / "train" / "shard-00006.json").unlink()  # shard 6 written, its sidecar not yet
+    for name in ("shard-00007.json", "shard-00007.parquet"):
+        (copy / "train" / name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("shard-*") if p.stem < "shard-00006"}
+    written = write_shards(config, processor, max_target_positions, str(copy), shard_utterances=12)
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("shard-*") if p.stem < "shard-00006"} == kept
+    assert written["train"].shards == read_index(str(folder / "train")).shards  # the same shards, byte for byte
+
+
+@pytest.mark.slow  # two preparation processes
 def test_a_killed_shard_preparation_resumes_without_redoing_finished_shards(tmp_path, tiny_model_dir):
     args = ["--config", "quickstart", f"--model.name_or_path={tiny_model_dir}", *SMALL, "--data.num_proc=1",
             "--output_dir", tmp_path / "out", "--shards", tmp_path / "shards", "--shard_utterances=8"]
