@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from loop.config import RunConfig
 from loop.data.mixing import entry_tokenizer, mix_training_rows
+from loop.data.no_speech import add_no_speech_rows
 from loop.data.prepare import SplitReport
 from loop.data.rows import RowChecks
 from loop.data.shard_writer import write_split_shards
@@ -88,7 +89,8 @@ def shard_datasets(config: RunConfig, processor, max_label_length: int) -> Prepa
             sources.append(StreamSource(f"train.{entry.name}", index, entry.weight))
         empty = test.select([])
         return PreparedData(empty, selection, test, selection_split, reports, stream=tuple(sources))
-    train = read_split(train_index, data.verify_shards)
+    train = add_no_speech_rows(read_split(train_index, data.verify_shards), data.no_speech_fraction,
+                               data.no_speech_dir, config.train.seed, tokenizer, reports[TRAIN], data.cache_dir)
     train, parts = mix_training_rows(config, processor, train, reports, prepare_settings(data, max_label_length))
     return PreparedData(train, selection, test, selection_split, reports, parts)
 
