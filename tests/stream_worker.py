@@ -18,15 +18,17 @@ def main() -> None:
     config = load_config("quickstart", ["--data.shuffle_buffer=10", "--train.dataloader_num_workers=2",
                                         "--train.per_device_train_batch_size=4"], None)
     loader = stream_loader(config, (StreamSource("train", read_index(f"{folder}/train"), 1.0),), 0, accelerator)
-    keys = []
-    for batch in loader:
+    keys, batches = [], iter(loader)
+    for batch in batches:
         keys += batch["index"].tolist()
         if loader.position.epoch == 1:  # that was the epoch's last batch on this process
             break
+    batches.close()  # its DataLoader's workers stop now, not at interpreter exit
     gathered = gather_object([keys])
     if accelerator.is_main_process:
         with open(output, "w", encoding="utf-8") as file:
             json.dump(gathered, file)
+    accelerator.end_training()  # the process group is destroyed before exit, as a training run's is
 
 
 if __name__ == "__main__":

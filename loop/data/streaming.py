@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset
 
 from loop.data.audio import SAMPLE_RATE
+from loop.data.collator import SpeechSeq2SeqCollator
 from loop.data.loaders import arrow_rows
 from loop.data.samplers import epoch_quotas, length_grouped_batches
 from loop.data.shards import ShardError, ShardIndex, ShardReader, join
@@ -267,8 +269,6 @@ class StreamLoader:
                           pin_memory=torch.cuda.is_available())
 
     def __iter__(self):
-        from accelerate.utils import send_to_device
-
         while True:
             epoch, whole_epoch, given = self.position.epoch, self.position == StreamPosition(self.position.epoch), 0
             for item in self.epoch_items():
@@ -291,8 +291,6 @@ class StreamLoader:
 def stream_loader(config, sources: tuple[StreamSource, ...], decoder_start_token_id: int, accelerator) -> StreamLoader:
     """The run's `StreamLoader`: `data.shuffle_buffer` windows, the training batch size and seed, this process's
     place among the run's processes."""
-    from loop.data.collator import SpeechSeq2SeqCollator
-
     t, d = config.train, config.data
     plan = StreamPlan(sources, t.seed, t.per_device_train_batch_size, d.shuffle_buffer, t.group_by_length,
                       accelerator.process_index, accelerator.num_processes)
