@@ -26,6 +26,9 @@ from loop.ship.serve import DEFAULT_MAX_DURATION_S, DEFAULT_MAX_QUEUE, api_key_f
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved model folder or a CTranslate2 export")
+    parser.add_argument("--assistant_model", default=None,
+                        help="a smaller model of the same tokenizer (scripts/make_student.py) for speculative "
+                             "decoding: the model's own greedy transcripts, sooner (docs/distillation.md)")
     parser.add_argument("--model_name", default="whisper-loop", help="the name /health reports (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn = require("uvicorn", "serve", "scripts/serve.py")
         key = api_key_from(args.api_key_env)
-        backend = load_backend(resolve_path(args.model))
+        assistant = args.assistant_model and resolve_path(args.assistant_model)
+        backend = load_backend(resolve_path(args.model), assistant)
         app = build_app(backend, args.model_name, max_file_bytes=int(args.max_file_mb * 2**20),
                         max_duration_s=args.max_duration_s, max_queue=args.max_queue, api_key=key)
     except (ValueError, OSError, RuntimeError, MissingExtra) as error:

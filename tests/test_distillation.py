@@ -299,6 +299,8 @@ def test_evaluate_script_with_an_assistant_gives_the_same_transcripts(tmp_path, 
     assert any(row["hypothesis"] for row in plain)
     metrics = json.loads((tmp_path / "assisted" / "metrics.json").read_text())
     assert metrics["decoding"]["assistant_model"] == str(assistant_of_decoding_checkpoint)
+    counts = metrics["speculative"]  # how well the assistant drafted, summed over the rows
+    assert counts["tokens"] >= counts["model_passes"] > 0 and 0 <= counts["accepted"] <= counts["drafted"]
     assert metrics["wer"] == json.loads((tmp_path / "plain" / "metrics.json").read_text())["wer"]
     code = run_evaluate_script("--model", decoding_checkpoint, *data, "--output_dir", tmp_path / "refused",
                                f"--eval.assistant_model={PROJECT / 'assets' / 'tiny-whisper-hi'}")
@@ -346,3 +348,34 @@ def test_a_frozen_copied_encoder_runs_once_for_both(deep_teacher, student_of_dee
     with torch.no_grad():
         student.model.encoder.layers[0].fc1.weight.mul_(2)
     assert not shares_encoder(student, teacher)
+
+
+def test_speculative_decoding_shares_the_encoder_and_keeps_good_drafts(decoding_checkpoint,
+                                                                       assistant_of_decoding_checkpoint):
+    """A student with the teacher's encoder never encodes (the teacher's encoder output serves both); a student
+    whose encoder differs encodes once per batch and still gives the teacher's tokens; the teacher as its own
+    assistant has every draft kept, so it runs far fewer passes than it produces tokens; a generation setting
+    speculative decoding cannot reproduce is refused by name."""
+    from loop.model.decoding import assisted_ids, generate_ids
+    from loop.model.speculative import DraftCounts
+
+    teacher, processor = load_for_inference(str(decoding_checkpoint))
+    assistant, _ = load_for_inference(str(assistant_of_decoding_checkpoint))
+    features, _ = features_of(teacher, processor, corpus_rows("test")[:4])
+    plain = generate_ids(teacher, features)
+    encoder_runs = []
+    assistant.get_encoder().register_forward_hook(lambda *_: encoder_runs.append(1))
+    counts = DraftCounts()
+    assert torch.equal(assisted_ids(teacher, assistant, features, counts=counts), plain)
+    assert encoder_runs == [] and counts.tokens >= plain.shape[1]
+    assert counts.model_passes > counts.tokens / 2  # an untrained student: most drafts rejected
+    with torch.no_grad():
+        assistant.get_encoder().layer_norm.bias.add_(0.01)
+    assert torch.equal(assisted_ids(teacher, assistant, features), plain)
+    assert encoder_runs == [1]
+    itself = DraftCounts()
+    assert torch.equal(assisted_ids(teacher, teacher, features, counts=itself), plain)
+    assert itself.accepted >= itself.drafted - 4 and itself.model_passes * 3 <= itself.tokens
+    teacher.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty=1.3"):
+        assisted_ids(teacher, assistant, features)

@@ -255,3 +255,32 @@ def test_a_ctranslate2_export_is_served_through_faster_whisper(clips, tmp_path):
         assert all(0 <= s.start <= s.end <= verbose.duration for s in verbose.segments)
     finally:
         served.close()
+
+
+def test_an_assistant_model_gives_the_same_transcripts(backend, clips, tmp_path):
+    """--assistant_model: greedy requests are decoded by speculative decoding with a student as assistant (its
+    decoder runs) and get the plain server's transcripts; a CTranslate2 export with an assistant is refused."""
+    from openai import OpenAI
+
+    from loop.model.student import make_student
+    from loop.ship.serve import build_app
+    from loop.ship.serve_backends import load_backend
+
+    student = make_student(str(backend.model.name_or_path), tmp_path / "student", 1)[0]
+    assisted = load_backend(backend.model.name_or_path, student)
+    drafts = []
+    assisted.assistant.get_decoder().register_forward_hook(lambda *_: drafts.append(1))
+    served = Served(build_app(assisted, "tiny"))
+    try:
+        client = OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        for clip in clips[:2]:
+            with open(clip, "rb") as audio:
+                assert client.audio.transcriptions.create(model="tiny", file=audio).text == \
+                       backend.transcribe(decode_audio(clip)).text
+    finally:
+        served.close()
+    assert drafts
+    (tmp_path / "ct2").mkdir()
+    (tmp_path / "ct2" / "model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="--assistant_model works with a model folder"):
+        load_backend(tmp_path / "ct2", student)

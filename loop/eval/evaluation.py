@@ -19,6 +19,7 @@ from loop.model.decoding import decode_ids
 from loop.model.encoder_window import batch_features
 from loop.model.loss import IGNORE_INDEX, token_losses
 from loop.model.sharding import full_parameters, generation_kwargs
+from loop.model.speculative import DraftCounts
 
 
 @dataclass
@@ -65,6 +66,7 @@ def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], 
     engine_kwargs = generation_kwargs(accelerator)
     pad_id = generator.generation_config.pad_token_id
     indices, hypothesis_ids, failed, loss_sums, token_counts, detected = [], [], [], [], [], []
+    drafts = {} if assistant_model is None else {"counts": DraftCounts()}
     language_ids = language_id and bool(getattr(generator.generation_config, "lang_to_id", None))
     for number, batch in enumerate(tqdm(dataloader, desc=description, disable=not accelerator.is_main_process, leave=False)):
         rows = len(batch["index"])
@@ -80,7 +82,8 @@ def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], 
                     loss_sum, tokens = _per_row_loss(generator, batch, encoder_outputs, cache)
                     cross_attention = cache.cross_attention_cache
                 token_ids = decode_ids(generator, features, tokenizer, encoder_outputs, cross_attention,
-                                       decode_language, batch["durations"], assistant_model, **engine_kwargs)
+                                       decode_language, batch["durations"], assistant_model, **engine_kwargs,
+                                       **drafts)
                 languages = detect_language_ids(generator, encoder_outputs) if language_ids else None
             batch_failed = torch.zeros(rows, dtype=torch.bool, device=batch["index"].device)
         except (RuntimeError, ValueError, IndexError) as error:
@@ -125,9 +128,22 @@ def _evaluate(model, dataloader, accelerator, tokenizer, references: list[str], 
                                                    language_code(language))
     if compute_loss:
         metrics["loss"] = (torch.stack(loss_sums).sum() / torch.stack(token_counts).sum().clamp(min=1)).item()
+    if drafts:
+        metrics["speculative"] = speculative_summary(drafts["counts"], accelerator)
     metrics["num_utterances"] = len(predictions)
     metrics["num_failed"] = sum(failed)
     return EvalResult(metrics, predictions)
+
+
+def speculative_summary(counts: DraftCounts, accelerator) -> dict:
+    """Speculative decoding's counts summed over processes: the model's passes, the tokens they gave, the draft
+    tokens proposed and kept, and the two ratios that say how well the assistant drafted."""
+    totals = accelerator.reduce(torch.tensor([counts.model_passes, counts.tokens, counts.drafted, counts.accepted],
+                                             device=accelerator.device), reduction="sum").tolist()
+    passes, tokens, drafted, accepted = (int(total) for total in totals)
+    return {"model_passes": passes, "tokens": tokens, "drafted": drafted, "accepted": accepted,
+            "tokens_per_model_pass": round(tokens / max(passes, 1), 3),
+            "draft_acceptance": round(accepted / max(drafted, 1), 3)}
 
 
 def _per_row_loss(model, batch, encoder_outputs, cache=None) -> tuple[torch.Tensor, torch.Tensor]:

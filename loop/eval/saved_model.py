@@ -196,6 +196,7 @@ def evaluate_saved_model(config: RunConfig, name: str, decode: DecodeOverrides, 
     metrics = summary_metrics(name, config.data.eval_split, result, split.report, model, accelerator)
     if assistant:
         metrics["decoding"]["assistant_model"] = assistant
+        metrics["speculative"] = result.metrics["speculative"]
     if timestamps and accelerator.is_main_process:
         metrics["timestamps"] = evaluate_timestamps(model, processor.tokenizer, split.table, log_mel,
                                                     batch_size=batch_size, language=model.generation_config.language)
@@ -263,8 +264,16 @@ def summary_line(metrics: dict) -> str:
     return (f"{metrics['model']} on {metrics['split']} ({metrics['num_utterances']} utterances{skipped}): "
             f"WER {metrics['wer']:.2f}  CER {metrics['cer']:.2f}  normalized WER {metrics['normalized_wer']:.2f}  "
             f"normalized CER {metrics['normalized_cer']:.2f}  ({metrics['seconds']:.1f} s)"
+            + speculative_line(metrics.get("speculative"))
             + "".join(f"\n  timestamps, {kind} rows: {timestamp_line(scores)}"
                       for kind, scores in metrics.get("timestamps", {}).items()))
+
+
+def speculative_line(counts: dict | None) -> str:
+    if not counts:
+        return ""
+    return (f"\n  speculative decoding: {counts['tokens_per_model_pass']:.2f} tokens per pass of the model, "
+            f"{100 * counts['draft_acceptance']:.1f}% of the assistant's {counts['drafted']} draft tokens kept")
 
 
 def timestamp_line(scores: dict) -> str:

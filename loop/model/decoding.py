@@ -5,18 +5,23 @@ generation config (saved in every model folder), so one checkpoint gives the sam
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from loop.model.decoding_options import generation_options, temperature_fallback
 from loop.model.encoder_window import generation_inputs
 from loop.model.sharding import any_process
+from loop.model.speculative import (
+    DraftCounts,
+    greedy_rules,
+    prompt_ids,
+    same_encoder_weights,
+    speculative_row,
+    unsupported_settings,
+)
 
 
 @torch.no_grad()
@@ -81,72 +86,41 @@ def generate_ids(model, input_features: torch.Tensor, encoder_outputs=None, cros
 
 @torch.no_grad()
 def assisted_ids(model, assistant_model, input_features: torch.Tensor, encoder_outputs=None,
-                 language: str | None = None, seconds: torch.Tensor | None = None, **engine_kwargs) -> torch.Tensor:
-    """`generate_ids`' greedy hypotheses, decoded with speculative decoding: `assistant_model` (a smaller Whisper
-    with the same tokenizer, e.g. a distilled student) proposes tokens, `model` checks them all in one forward pass
-    and keeps those it would have chosen itself, so the output is `model`'s own greedy output, only sooner.
-
-    transformers' assisted generation takes one row at a time ("assisted generate is only supported for
-    batch_size = 1", transformers 5), so the rows are decoded one by one and padded to one tensor. The assistant
-    encodes the features itself; `model` uses `encoder_outputs` when given (and encodes short dynamic-window
-    features itself, as in `generate_ids`). With an assistant, Whisper's generate drops the model's
-    `begin_suppress_tokens` (so that the assistant may propose <|endoftext|>); they are put back here as a logits
-    processor of the model, so that the output is exactly plain greedy decoding's."""
+                 language: str | None = None, seconds: torch.Tensor | None = None, counts: DraftCounts | None = None,
+                 **engine_kwargs) -> torch.Tensor:
+    """`generate_ids`' greedy hypotheses, decoded with speculative decoding (`loop.model.speculative`):
+    `assistant_model` (a smaller Whisper with the same tokenizer, e.g. a distilled student) drafts tokens, `model`
+    checks them all in one forward pass and keeps those it would have chosen itself, so the output is `model`'s own
+    greedy output, only sooner. Rows are decoded one by one and padded to one tensor. `model` uses
+    `encoder_outputs` when given; an assistant with `model`'s encoder weights (a student made with the encoder
+    copied whole) takes `model`'s encoder output, any other encodes the features itself. `counts` (optional)
+    gathers the passes and accepted drafts."""
     settings = model.generation_config
     if (settings.num_beams or 1) > 1:
         raise ValueError(f"eval.assistant_model decodes greedily: the model's generation config asks for "
                          f"{settings.num_beams} beams (set --eval.generation_num_beams=1 or --num_beams 1)")
+    unsupported = unsupported_settings(settings)
+    if unsupported:
+        raise ValueError("eval.assistant_model reproduces plain greedy decoding, but the model's generation config "
+                         f"sets {', '.join(unsupported)}, which speculative decoding does not apply: remove it")
+    if engine_kwargs.get("synced_gpus"):
+        raise ValueError("eval.assistant_model decodes each row with its own number of passes, which ZeRO-3's "
+                         "synced generation cannot follow: evaluate without the assistant, or without ZeRO-3")
+    encoded = (model.get_encoder()(input_features) if encoder_outputs is None else encoder_outputs)[0]
+    assistant_encoded = (encoded if same_encoder_weights(model, assistant_model)
+                         else assistant_model.get_encoder()(input_features)[0])
+    prompt = prompt_ids(settings, language or settings.language)
     rows = []
     for row in range(input_features.shape[0]):
-        features = input_features[row:row + 1]
-        inputs = generation_inputs(model, features) if encoder_outputs is None else {
-            "encoder_outputs": BaseModelOutput(last_hidden_state=encoder_outputs[0][row:row + 1])}
-        options = generation_options(settings, None if seconds is None else seconds[row:row + 1])
-        if settings.begin_suppress_tokens:
-            options.setdefault("logits_processor", LogitsProcessorList()).append(
-                SuppressAtFirstToken(settings.begin_suppress_tokens))
-        inputs["input_features"] = features  # the assistant's own encoder reads them
-        with quiet_drafts():
-            token_ids = model.generate(**inputs, language=language or settings.language, task=settings.task,
-                                       use_cache=True, force_unique_generate_call=True,
-                                       assistant_model=assistant_model, **options, **engine_kwargs)
-        rows.append(without_prompt(token_ids, settings)[0])
+        rules = greedy_rules(settings, len(prompt), None if seconds is None else float(seconds[row]),
+                             model.config.max_target_positions)
+        rows.append(speculative_row(model, assistant_model, encoded[row:row + 1], assistant_encoded[row:row + 1],
+                                    prompt, rules, counts))
     width = max((len(ids) for ids in rows), default=0)
     padded = torch.full((len(rows), width), settings.pad_token_id, dtype=torch.long, device=input_features.device)
     for row, ids in enumerate(rows):
-        padded[row, :len(ids)] = ids
+        padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return padded
-
-
-@contextlib.contextmanager
-def quiet_drafts():
-    """Without transformers' generation warnings: each of the assistant's drafts is a `generate` call given
-    `max_new_tokens` beside the copied `max_length`, and says so twice, for every few tokens of every clip."""
-    logger = logging.getLogger("transformers.generation.utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-class SuppressAtFirstToken(LogitsProcessor):
-    """`begin_suppress_tokens` for assisted generation: never the first generated token. The prompt is the length
-    of the first call's input. Not transformers' `SuppressTokensAtBeginLogitsProcessor`: the assistant's Whisper
-    generate shares the model's logits processors and moves their `set_begin_index` to each draft's start, which
-    would suppress <|endoftext|> in the middle of the model's own output."""
-
-    def __init__(self, tokens: list[int]):
-        self.tokens = list(tokens)
-        self.prompt_length: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-        if input_ids.shape[1] == self.prompt_length:
-            scores[:, self.tokens] = -float("inf")
-        return scores
 
 
 def without_prompt(token_ids: torch.Tensor, settings) -> torch.Tensor:

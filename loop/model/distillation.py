@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from loop.data.collator import IGNORE_INDEX
 from loop.model.loading import load_companion
 from loop.model.loss import decoder_logits, label_cross_entropy, token_losses
+from loop.model.speculative import same_encoder_weights
 
 
 @dataclass
@@ -100,8 +101,7 @@ def shares_encoder(student, teacher) -> bool:
     randomness = (config.dropout, config.attention_dropout, config.activation_dropout)
     if any(p.requires_grad for p in encoder.parameters()) or any(randomness) or config.apply_spec_augment:
         return False
-    ours, theirs = encoder.state_dict(), teacher.get_encoder().state_dict()
-    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].device)) for k in ours)
+    return same_encoder_weights(student, teacher)
 
 
 def load_teacher(name_or_path: str, student, tokenizer, *, encoder_window: str = "full",

@@ -54,10 +54,15 @@ def is_ct2_export(folder: str | Path) -> bool:
 class TransformersBackend:
     """A saved model folder, decoded as `scripts/evaluate.py` decodes it (module docstring)."""
 
-    def __init__(self, model_dir: str | Path):
-        from loop.model.loading import load_for_inference
+    def __init__(self, model_dir: str | Path, assistant_model: str | Path | None = None):
+        from loop.model.encoder_window import saved_encoder_window
+        from loop.model.loading import load_companion, load_for_inference
 
         self.model, self.processor = load_for_inference(str(model_dir))
+        # speculative decoding (loop.model.speculative) for greedy requests within the window
+        self.assistant = assistant_model and load_companion(
+            str(assistant_model), self.model, self.processor.tokenizer, "--assistant_model",
+            encoder_window=saved_encoder_window(self.model)[0])
         self.log_mel = LogMel(self.processor.feature_extractor)
         self.lock = threading.Lock()
         self.language = self.model.generation_config.language
@@ -77,7 +82,8 @@ class TransformersBackend:
             try:
                 if duration <= self.window_s:
                     features = batch_features(self.model, self.log_mel, audio)
-                    ids = decode_ids(self.model, features, tokenizer, **engine)
+                    assistant = None if engine else self.assistant or None  # greedy, without a prompt
+                    ids = decode_ids(self.model, features, tokenizer, assistant_model=assistant, **engine)
                     text = tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
                 else:
                     text = transcribe_long(self.model, self.log_mel, tokenizer, audio)
@@ -139,9 +145,15 @@ class FasterWhisperBackend:
                              segments if timestamps else [])
 
 
-def load_backend(model_dir: str | Path):
-    """The backend for `model_dir`: a CTranslate2 export, or any model folder the project loads."""
-    return FasterWhisperBackend(model_dir) if is_ct2_export(model_dir) else TransformersBackend(model_dir)
+def load_backend(model_dir: str | Path, assistant_model: str | Path | None = None):
+    """The backend for `model_dir`: a CTranslate2 export, or any model folder the project loads (with
+    `assistant_model`, a smaller model of the same tokenizer, for speculative decoding)."""
+    if not is_ct2_export(model_dir):
+        return TransformersBackend(model_dir, assistant_model)
+    if assistant_model:
+        raise ValueError(f"--assistant_model works with a model folder, and {model_dir} is a CTranslate2 export: "
+                         "serve the model folder it was exported from")
+    return FasterWhisperBackend(model_dir)
 
 
 def clock(seconds: float, separator: str) -> str:
