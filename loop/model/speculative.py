@@ -11,7 +11,7 @@ assistant's passes are cheap:
   decoder's pass).
 
 The draft length adapts as in transformers' assisted generation: two more after a fully accepted draft, one fewer
-after a rejection. The model's choice at each position goes through the rules plain greedy decoding applies, read
+after a rejection; and a draft ends early after a token the assistant is unsure of (`DRAFT_CONFIDENCE`). The model's choice at each position goes through the rules plain greedy decoding applies, read
 from its generation config: `suppress_tokens`, `begin_suppress_tokens` at the first generated token,
 `no_repeat_ngram_size`, the duration cap (`loop.model.decoding_options`) and the length limit. The assistant's
 drafts go through the same rules (a draft that breaks them would be rejected anyway).
@@ -33,6 +33,9 @@ from loop.model.decoding_options import MIN_NEW_TOKENS
 
 FIRST_DRAFT_TOKENS = 5
 MAX_DRAFT_TOKENS = 16
+# A draft ends after a token the assistant gives less than this probability (transformers' assisted generation
+# stops drafts the same way, at 0.4): such a token is likely rejected, and so is everything drafted after it.
+DRAFT_CONFIDENCE = 0.4
 # Generation settings plain greedy decoding would apply that this decoder does not, with their inactive values.
 UNSUPPORTED = {"repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_tokens": (None, 0),
                "bad_words_ids": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
@@ -83,6 +86,11 @@ class GreedyRules:
 
     def choose(self, sequence: list[int], scores: torch.Tensor) -> int:
         """The greedy choice after `sequence` (prompt and generated tokens) from its (vocab,) scores."""
+        return int(torch.argmax(self.constrained(sequence, scores)))
+
+    def constrained(self, sequence: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """The (vocab,) scores after `sequence` with the rules applied: float32, suppressed tokens at -inf, only
+        the end token left once the cap is reached."""
         scores = scores.float().clone()
         generated = len(sequence) - self.prompt_length
         if self.suppress:
@@ -93,8 +101,9 @@ class GreedyRules:
             ids = torch.tensor([sequence], device=scores.device)
             scores = self.no_repeat(ids, scores[None])[0]
         if self.cap is not None and generated >= self.cap:
-            return self.end
-        return int(torch.argmax(scores))
+            scores[:] = -math.inf
+            scores[self.end] = 0.0
+        return scores
 
 
 def greedy_rules(settings, prompt_length: int, seconds: float | None, max_positions: int) -> GreedyRules:
@@ -167,10 +176,12 @@ def speculative_row(model, assistant, encoder_output: torch.Tensor, assistant_en
         draft: list[int] = []
         pending = sequence[helper.length:]
         while len(draft) < min(draft_tokens, room - 1):
-            token = rules.choose(sequence + draft, helper.feed(pending)[-1])
+            probabilities = torch.softmax(rules.constrained(sequence + draft, helper.feed(pending)[-1]), dim=-1)
+            confidence, token = probabilities.max(dim=-1)
+            token = int(token)
             draft.append(token)
             pending = [token]
-            if token == rules.end:
+            if token == rules.end or float(confidence) < DRAFT_CONFIDENCE:
                 break
         scores = target.feed(sequence[target.length:] + draft)
         counts.model_passes += 1
