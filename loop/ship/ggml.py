@@ -160,6 +160,20 @@ def vocabulary_bytes(tokenizer) -> list[bytes]:
         raise ExportError(f"the vocabulary has a token that is not byte-level BPE: {error}") from error
 
 
+def read_vocabulary(path: str | Path) -> list[bytes]:
+    """The regular tokens a GGML file stores, in id order (the vocabulary section of the layout above)."""
+    with open(path, "rb") as handle:
+        handle.seek(4 * 12)  # magic and the 11 hyperparameters
+        n_mels, n_fft = struct.unpack("<2i", handle.read(8))
+        handle.seek(4 * n_mels * n_fft, 1)
+        (count,) = struct.unpack("<i", handle.read(4))
+        tokens = []
+        for _ in range(count):
+            (length,) = struct.unpack("<i", handle.read(4))
+            tokens.append(handle.read(length))
+    return tokens
+
+
 def ggml_bytes(source: SourceModel, state: dict, quantization: str):
     """The file's parts in order (module docstring), from the model's `state_dict` as numpy arrays."""
     config, fe = source.config, source.processor.feature_extractor
