@@ -232,10 +232,12 @@ def ggml_readme(source: SourceModel, output_dir: Path, quantization: str) -> str
         "`scripts/export.py --format ggml`. `parity.json`, when present, compares its transcripts with the "
         "transformers model's on the same audio.", "",
         "With whisper.cpp's command line (16-kHz WAV input):", "",
-        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -nf -f clip.wav", "```", "",
+        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -nf --no-flash-attn --suppress-nst -f clip.wav", "```", "",
         "From Python with pywhispercpp:", "",
         "```python", "from pywhispercpp.model import Model", "",
-        "# Greedy, without temperature fallback or previous-text context: as the parity gate decodes.",
-        f'model = Model("{output_dir / GGML_FILE}", print_progress=False, no_context=True, temperature_inc=0.0)',
+        "# Greedy, without temperature fallback, previous-text context or flash attention, suppressing",
+        "# non-speech tokens: as the parity gate decodes.",
+        f'model = Model("{output_dir / GGML_FILE}", context_params={{"flash_attn": False}}, print_progress=False,',
+        '              no_context=True, temperature_inc=0.0, suppress_nst=True)',
         f'print(" ".join(segment.text for segment in model.transcribe("clip.wav", language="{language}")))',
         "```", ""])
