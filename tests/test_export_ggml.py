@@ -35,8 +35,10 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def float16_export(model_dir, cache_dir, tmp_path_factory) -> tuple[int, Path]:
     output = tmp_path_factory.mktemp("ggml") / "ggml-f16"
+    # A random model's WER (about 100) swings by tens of points with one token changed, so the tolerance here is
+    # wide; the layout is checked by the transcripts' first characters and their CER against the model's below.
     rc = run_export("--model", model_dir, "--format", "ggml", "--output_dir", output, "--parity_clips", CLIPS,
-                    f"--data.cache_dir={cache_dir}")
+                    "--wer_tolerance", 1000, f"--data.cache_dir={cache_dir}")
     return rc, output
 
 
