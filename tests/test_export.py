@@ -304,5 +304,5 @@ def test_the_model_card_tells_how_to_export(model_dir, tmp_path):
     assert 'WhisperModel("whisper-hi-ct2-int8")' in section and "soxr.resample" in section
     others = text.split("## Run it in whisper.cpp, onnxruntime or an OpenAI-compatible server")[1]
     assert "python scripts/export.py --model whisper-hi --format ggml --quantization q8_0" in others
-    assert "whisper-cli -m whisper-hi-ggml/ggml-model.bin -l hi -nf -f clip.wav" in others
+    assert "whisper-cli -m whisper-hi-ggml/ggml-model.bin -l hi -nf --no-flash-attn --suppress-nst -f clip.wav" in others
     assert "--format onnx --output_dir whisper-hi-onnx" in others and "python scripts/serve.py --model whisper-hi" in others

@@ -69,6 +69,25 @@ def test_float32_onnx_reproduces_every_transcript(export):
     assert len({clip["transformers"] for clip in report["clips"]}) == CLIPS  # not identical by accident
 
 
+def test_int8_onnx_is_smaller_and_held_to_the_tolerance(export, model_dir, cache_dir, tmp_path):
+    import onnx
+
+    output = tmp_path / "onnx-int8"
+    assert run_export("--model", model_dir, "--format", "onnx", "--quantization", "int8", "--output_dir", output,
+                      "--parity_clips", 2, "--wer_tolerance", 1000, f"--data.cache_dir={cache_dir}") == 0
+    report = json.loads((output / "parity.json").read_text(encoding="utf-8"))
+    assert report["passed"] and not report["exact"] and report["quantization"] == "int8"
+    assert all(clip["onnxruntime"] for clip in report["clips"])
+    assert json.loads((output / "export.json").read_text(encoding="utf-8"))["quantization"] == "int8"
+    for name in ("encoder.onnx", "decoder.onnx"):
+        ops = [node.op_type for node in onnx.load(str(output / name)).graph.node]
+        # The weight products are int8; the attention products of two activations stay float MatMuls.
+        assert "MatMulInteger" in ops and "MatMul" in ops
+    # The encoder shrinks; this tiny decoder is mostly its float32 embedding, now beside an int8 output projection.
+    assert (output / "encoder.onnx").stat().st_size < (export[1] / "encoder.onnx").stat().st_size
+    assert not list(output.glob("*.float32"))  # the float32 graphs quantized from are gone
+
+
 def test_an_export_of_other_weights_fails_the_gate(export, model_dir, cache_dir, tmp_path, capsys):
     other = build_multilingual_tiny_whisper(tmp_path / "other", seed=1)
     assert run_export("--model", other, "--format", "onnx", "--output_dir", tmp_path / "other-onnx",

@@ -15,7 +15,8 @@ QUANTIZATIONS = {
     # No float32: whisper.cpp's CPU convolution takes float16 kernels only (an assertion aborts the process on a
     # float32 file), and whisper.cpp's own converter writes float16 too.
     "ggml": ("float16", "q8_0", "q5_0", "q4_0"),
-    "onnx": ("float32",),
+    # int8: onnxruntime's dynamic quantization of the weight matrices (loop.ship.onnx_export.quantize_graphs).
+    "onnx": ("float32", "int8"),
 }
 FORMATS = tuple(QUANTIZATIONS)
 DESCRIPTIONS = {
@@ -43,4 +44,4 @@ def export_model(export_format: str, source: SourceModel, output_dir: str | Path
         return export_ggml(source, output_dir, quantization, overwrite=overwrite)
     from loop.ship.onnx_export import export_onnx
 
-    return export_onnx(source, output_dir, overwrite=overwrite)
+    return export_onnx(source, output_dir, quantization, overwrite=overwrite)

@@ -160,6 +160,20 @@ def vocabulary_bytes(tokenizer) -> list[bytes]:
         raise ExportError(f"the vocabulary has a token that is not byte-level BPE: {error}") from error
 
 
+def read_vocabulary(path: str | Path) -> list[bytes]:
+    """The regular tokens a GGML file stores, in id order (the vocabulary section of the layout above)."""
+    with open(path, "rb") as handle:
+        handle.seek(4 * 12)  # magic and the 11 hyperparameters
+        n_mels, n_fft = struct.unpack("<2i", handle.read(8))
+        handle.seek(4 * n_mels * n_fft, 1)
+        (count,) = struct.unpack("<i", handle.read(4))
+        tokens = []
+        for _ in range(count):
+            (length,) = struct.unpack("<i", handle.read(4))
+            tokens.append(handle.read(length))
+    return tokens
+
+
 def ggml_bytes(source: SourceModel, state: dict, quantization: str):
     """The file's parts in order (module docstring), from the model's `state_dict` as numpy arrays."""
     config, fe = source.config, source.processor.feature_extractor
@@ -218,10 +232,12 @@ def ggml_readme(source: SourceModel, output_dir: Path, quantization: str) -> str
         "`scripts/export.py --format ggml`. `parity.json`, when present, compares its transcripts with the "
         "transformers model's on the same audio.", "",
         "With whisper.cpp's command line (16-kHz WAV input):", "",
-        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -nf -f clip.wav", "```", "",
+        "```bash", f"whisper-cli -m {output_dir / GGML_FILE} -l {language} -nf --no-flash-attn --suppress-nst -f clip.wav", "```", "",
         "From Python with pywhispercpp:", "",
         "```python", "from pywhispercpp.model import Model", "",
-        "# Greedy, without temperature fallback or previous-text context: as the parity gate decodes.",
-        f'model = Model("{output_dir / GGML_FILE}", print_progress=False, no_context=True, temperature_inc=0.0)',
+        "# Greedy, without temperature fallback, previous-text context or flash attention, suppressing",
+        "# non-speech tokens: as the parity gate decodes.",
+        f'model = Model("{output_dir / GGML_FILE}", context_params={{"flash_attn": False}}, print_progress=False,',
+        '              no_context=True, temperature_inc=0.0, suppress_nst=True)',
         f'print(" ".join(segment.text for segment in model.transcribe("clip.wav", language="{language}")))',
         "```", ""])

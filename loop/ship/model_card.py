@@ -229,7 +229,8 @@ def other_runtime_lines(repo_or_path: str, config: RunConfig, from_hub: bool) ->
     return [
         "```bash",
         f"python scripts/export.py --model {source} --format ggml --quantization q8_0 --output_dir {name}-ggml",
-        f"whisper-cli -m {name}-ggml/ggml-model.bin -l {language_code(config.model.language)} -nf -f clip.wav",
+        f"whisper-cli -m {name}-ggml/ggml-model.bin -l {language_code(config.model.language)} -nf --no-flash-attn "
+        "--suppress-nst -f clip.wav",
         f"python scripts/export.py --model {source} --format onnx --output_dir {name}-onnx",
         f"python scripts/serve.py --model {source} --port 8000  # POST /v1/audio/transcriptions",
         "```", "",

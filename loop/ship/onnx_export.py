@@ -13,6 +13,13 @@ plus the model's tokenizer and processor files (`save_pretrained`) and `whisper_
 length cap, mel bins and window. The features are the model's own log-mel (the feature extractor saved beside the
 graphs, or `loop.model.features.LogMel`), so a float32 export reproduces transformers' transcripts.
 
+`--quantization int8` then rewrites both graphs with onnxruntime's dynamic quantization (`quantize_graphs`): the
+weight of every matrix product by a stored weight becomes int8 (one scale per tensor), the output projection
+included (then stored as its own int8 copy of the embedding, which the decoder's input lookup keeps in float32),
+and onnxruntime quantizes that product's input to 8 bits at run time; the products of two activations (attention
+scores and values) and the convolutions stay float32. The gate holds it to the WER tolerance, like every quantized
+export.
+
 The decoder step is written out here over the model's own weights (layer norms, projections, attention with a
 causal mask over past and new tokens, the MLP), because the transformers decoder's cache objects do not trace
 into a graph with dynamic past length; the encoder is transformers' own module.
@@ -123,7 +130,7 @@ def onnx_settings(source: SourceModel) -> dict:
     }
 
 
-def write_graphs(model, settings: dict, folder: Path) -> None:
+def write_graphs(model, settings: dict, folder: Path, fold_constants: bool = False) -> None:
     layers, heads, head_dim = settings["decoder_layers"], settings["decoder_heads"], settings["head_dim"]
     features = torch.zeros(1, settings["num_mel_bins"], settings["window_frames"])
     with torch.no_grad():
@@ -135,8 +142,10 @@ def write_graphs(model, settings: dict, folder: Path) -> None:
     ids = torch.tensor([settings["prompt_tokens"][:2]])
     # No constant folding: it would store the output projection (the embedding transposed) as a second copy of
     # the embedding; unfolded, the graph transposes the one copy, and onnxruntime folds it in memory at load.
+    # Folded for int8 (`fold_constants`): the quantizer finds only weights stored as they are multiplied, and the
+    # second copy is then int8.
     torch.onnx.export(DecoderGraph(model), (ids, past, past, cross_k, cross_v), str(folder / DECODER_FILE),
-                      dynamo=False, opset_version=OPSET, do_constant_folding=False,
+                      dynamo=False, opset_version=OPSET, do_constant_folding=fold_constants,
                       input_names=["input_ids", "self_k", "self_v", "cross_k", "cross_v"],
                       output_names=["logits", "self_k_out", "self_v_out"],
                       dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "self_k": {1: "batch", 3: "past"},
@@ -145,9 +154,29 @@ def write_graphs(model, settings: dict, folder: Path) -> None:
                                     "self_k_out": {1: "batch", 3: "total"}, "self_v_out": {1: "batch", 3: "total"}})
 
 
-def export_onnx(source: SourceModel, output_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Writes encoder.onnx, decoder.onnx, whisper_onnx.json, the processor's files, export.json and README.md into
-    `output_dir`, staged in a sibling folder and moved into place once complete. Returns the folder."""
+def quantize_graphs(folder: Path) -> None:
+    """Both graphs in `folder`, rewritten with int8 weights (module docstring). Only the MatMul nodes whose second
+    input is a stored weight are named to the quantizer: left to itself it would also quantize the attention
+    products, whose both inputs are activations."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in (ENCODER_FILE, DECODER_FILE):
+        path, original = folder / name, folder / f"{name}.float32"
+        path.rename(original)
+        graph = onnx.load(str(original), load_external_data=False).graph
+        weights = {initializer.name for initializer in graph.initializer}
+        matmuls = [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+        quantize_dynamic(str(original), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=matmuls)
+        original.unlink()
+
+
+def export_onnx(source: SourceModel, output_dir: str | Path, quantization: str = "float32", *,
+                overwrite: bool = False) -> Path:
+    """Writes encoder.onnx, decoder.onnx (with `quantization` "float32" or "int8" weights), whisper_onnx.json, the
+    processor's files, export.json and README.md into `output_dir`, staged in a sibling folder and moved into place
+    once complete. Returns the folder."""
     from loop.model.loading import load_weights
 
     output_dir = Path(output_dir)
@@ -159,11 +188,13 @@ def export_onnx(source: SourceModel, output_dir: str | Path, *, overwrite: bool 
     settings = onnx_settings(source)
 
     def write(staging: Path) -> None:
-        write_graphs(model, settings, staging)
+        write_graphs(model, settings, staging, fold_constants=quantization == "int8")
+        if quantization == "int8":
+            quantize_graphs(staging)
         source.processor.save_pretrained(staging)
         write_json_atomic(staging / SETTINGS_FILE, settings)
         write_json_atomic(staging / "export.json", {"source": str(source.folder), "format": "onnx",
-                                                    "quantization": "float32", "opset": OPSET,
+                                                    "quantization": quantization, "opset": OPSET,
                                                     "torch": torch.__version__})
         write_text_atomic(staging / "README.md", onnx_readme(source, output_dir))
 

@@ -15,8 +15,9 @@ decides (`parity_failures`):
 
 "The same settings" is greedy decoding (beam 1, temperature 0 and no fallback, no thresholds, no previous-text
 prompt, no VAD, without timestamps), the model's language, task, suppress and begin-suppress tokens, and one length
-cap: min(the saved max_length, 224 new tokens), the most faster-whisper can honour (CTranslate2 generates at most
-half of its 448-token limit). Each runtime's module says how it is held to these.
+cap: min(the saved max_length, 220 new tokens), the most every runtime can honour (faster-whisper 224, as
+CTranslate2 generates at most half of its 448-token limit; whisper.cpp 220, as it stops a window after
+n_text_ctx / 2 - 4 tokens). Each runtime's module says how it is held to these.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ DEFAULT_CLIPS = 30  # the shipped test split; each clip costs one transformers d
 # few dozen clips, while a broken quantization (tens of points) still fails.
 DEFAULT_WER_TOLERANCE = 5.0
 RUNTIME_MAX_LENGTH = 448  # faster-whisper's cap on prompt + new tokens (WhisperModel.max_length); CTranslate2 halves it
+MAX_NEW_TOKENS = RUNTIME_MAX_LENGTH // 2 - 4  # 220: whisper.cpp's own cap per window (n_text_ctx / 2 - 4), the lowest
 EXACT_QUANTIZATIONS = ("float32",)  # weights a runtime must reproduce transcript for transcript
 
 
@@ -131,7 +133,7 @@ def decoding_settings(model, processor, device: str) -> ParitySettings:
     saved_new_tokens = min(settings.max_length, model.config.max_target_positions - len(prefix))
     return ParitySettings(
         language=language_code(settings.language), task=settings.task,
-        max_new_tokens=min(saved_new_tokens, RUNTIME_MAX_LENGTH // 2),
+        max_new_tokens=min(saved_new_tokens, MAX_NEW_TOKENS),
         suppress_tokens=[int(t) for t in settings.suppress_tokens or []],
         begin_suppress_tokens=[int(t) for t in settings.begin_suppress_tokens or []],
         prompt_tokens=[int(t) for t in prefix], end_token=int(processor.tokenizer.eos_token_id),
