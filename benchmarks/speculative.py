@@ -8,7 +8,9 @@ so that a change in the machine's load falls on all of them alike:
 - `encoder`: the teacher's encoder alone (the fixed cost every way pays once);
 - `teacher`: plain greedy decoding, `loop.model.decoding.generate_ids` (transformers' generate), as evaluation does;
 - `student`: the same for the student;
-- `assisted`: speculative decoding, `loop.model.decoding.assisted_ids` with the student as assistant.
+- `assisted`: speculative decoding, `loop.model.decoding.assisted_ids` with the student as assistant;
+- `transformers_assisted`: transformers' own assisted generation (`generate(..., assistant_model=student)`), the
+  student encoding the clip itself and each draft a `generate` call, for comparison.
 Prints a markdown table (seconds per clip, speed-up against the teacher, tokens per clip, WER / CER against the
 references, transcripts identical to the teacher's, teacher passes per token) and writes it as JSON with --output.
 """
@@ -25,13 +27,13 @@ import torch
 from loop.data.audio import SAMPLE_RATE, decode_audio
 from loop.data.sources import SkipLog, find_common_voice_dir, read_common_voice_split
 from loop.eval.metrics import compute_metrics
-from loop.model.decoding import assisted_ids, generate_ids
+from loop.model.decoding import assisted_ids, generate_ids, without_prompt
 from loop.model.encoder_window import batch_features
 from loop.model.features import LogMel, pad_waveforms
 from loop.model.loading import load_for_inference
 from loop.model.speculative import DraftCounts
 
-WAYS = ("encoder", "teacher", "student", "assisted")
+WAYS = ("encoder", "teacher", "student", "assisted", "transformers_assisted")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,13 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {way: 0.0 for way in WAYS}
     texts = {way: [] for way in WAYS[1:]}
     tokens = {way: 0 for way in WAYS[1:]}
-    counts = DraftCounts()
+    counts, settings = DraftCounts(), teacher.generation_config
     ways = {
         "encoder": lambda features, _: teacher.get_encoder()(features),
         "teacher": lambda features, duration: generate_ids(teacher, features, seconds=duration),
         "student": lambda features, duration: generate_ids(student, features, seconds=duration),
         "assisted": lambda features, duration: assisted_ids(teacher, student, features, seconds=duration,
                                                             counts=counts),
+        "transformers_assisted": lambda features, _: without_prompt(teacher.generate(
+            input_features=features, assistant_model=student, language=settings.language, task=settings.task,
+            use_cache=True, force_unique_generate_call=True), settings),
     }
     for number, row in enumerate([rows[0], *rows]):  # the first clip once more, untimed: warm-up
         waveform = torch.as_tensor(decode_audio(row["audio_path"]))
